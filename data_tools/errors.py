@@ -1,0 +1,10 @@
+"""The one error type of the offline tools: its message is one line that names the file and the problem."""
+
+
+class DataError(Exception):
+    """Bad input: ``str(err)`` is ``"<path>: <problem>"``; the CLI prints it and exits with status 2."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

@@ -1,0 +1,1 @@
+"""Shards (schema, reader), patch sampling, augmentation and pipeline-aware loaders."""
