@@ -8,3 +8,6 @@ class DataError(Exception):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # survives the trip back from a worker process
+        return (DataError, (self.path, self.problem))
