@@ -1,0 +1,95 @@
+"""The run folder and its checkpoints: what training writes and what ``predict`` and ``--resume`` read.
+
+A run folder holds::
+
+    run.json                 the resolved experiment config, model config, labels and the dataset's
+                             preprocessing settings (everything ``predict`` needs besides weights)
+    checkpoints/<tag>/       DeepSpeed's files: one ``layer_NN-model_states.pt`` per pipeline layer
+                             (independent of the stage count), engine and optimizer states
+    checkpoints/latest       the newest complete tag (written by DeepSpeed after every rank saved)
+    metrics.jsonl, monitor/, *.png
+
+Layer files are indexed by the global layer index, so a checkpoint trained with any number of stages
+loads into the single-device ``nn.Sequential`` of the same layer list.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RUN_INFO = "run.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def checkpoint_root(run: str | Path) -> Path:
+    return Path(run) / CHECKPOINTS
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def latest_tag(run: str | Path) -> str | None:
+    """The tag in ``checkpoints/latest`` if it names an existing folder, else None."""
+    path = checkpoint_root(run) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    return tag if tag and (checkpoint_root(run) / tag).is_dir() else None
+
+
+def read_run_info(run: str | Path) -> dict[str, Any]:
+    path = Path(run) / RUN_INFO
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; {run} is not a ds-seg3d run folder")
+    return json.loads(path.read_text())
+
+
+def layer_file(tag_dir: Path, index: int) -> Path:
+    return tag_dir / f"layer_{index:02d}-model_states.pt"
+
+
+def load_layers(model: nn.Sequential, run: str | Path, tag: str | None = None) -> str:
+    """Load a pipeline checkpoint's per-layer states into the single-device model; returns the tag.
+
+    Raises a one-line ValueError when the checkpoint is missing or was made by a different model.
+    """
+    tag = tag or latest_tag(run)
+    if tag is None:
+        raise ValueError(f"{checkpoint_root(run)}: no complete checkpoint (no 'latest' naming a saved tag)")
+    tag_dir = checkpoint_root(run) / tag
+    if not tag_dir.is_dir():
+        raise ValueError(f"{tag_dir}: no such checkpoint")
+    # DeepSpeed writes a file for every layer, also for layers without weights (an empty state).
+    known = {layer_file(tag_dir, i).name for i in range(len(model))}
+    foreign = sorted(p for p in tag_dir.glob("layer_*-model_states.pt") if p.name not in known)
+    if foreign:
+        raise ValueError(f"{foreign[0]}: the model has only {len(model)} layers: checkpoint from a different model")
+    states = {}
+    for i, layer in enumerate(model):
+        path, own = layer_file(tag_dir, i), layer.state_dict()
+        if not path.is_file():
+            if own:
+                raise ValueError(f"{path}: missing layer file: checkpoint from a different model")
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise ValueError(f"{path}: layer {i} does not match the model (different architecture or width)")
+        states[i] = state
+    # Every file is checked before any is loaded, so a mismatch leaves the model untouched.
+    for i, state in states.items():
+        model[i].load_state_dict(state)
+    return tag
+
+
+def write_latest(run: str | Path, tag: str) -> None:
+    """Point ``latest`` at a tag whose files every rank has finished writing (temp name, then rename)."""
+    root = checkpoint_root(run)
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(tag)
+    tmp.replace(root / LATEST)

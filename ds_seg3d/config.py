@@ -1,0 +1,233 @@
+"""The experiment config: data, model and training settings, typed, documented and validated on load.
+
+It is separate from the DeepSpeed JSON (optimizer, precision, ZeRO, micro-batch and accumulation),
+which stays a plain DeepSpeed file under ``ds_configs/``. An experiment file is TOML with the sections
+below; every field may be overridden on the command line with ``--set section.field=value``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from ds_seg3d.models import MODEL_CONFIGS
+
+
+@dataclasses.dataclass
+class DataConfig:
+    shards: str = ""
+    """Folder of HDF5 shards with manifest.json (``data_tools build-shards`` output)."""
+    patch: tuple[int, int, int] = (64, 64, 32)
+    """Training patch size in voxels (X, Y, Z); also the sliding-window size at validation."""
+    oversample_foreground: float = 0.33
+    """Share of patches centred on a foreground voxel (nnU-Net uses 0.33)."""
+    augment: bool = True
+    """Flips, in-plane 90-degree rotations, intensity scale/shift and noise on training patches."""
+    train_split: str = "train"
+    """Manifest split to train on."""
+    val_split: str = "val"
+    """Manifest split for periodic validation (whole volumes); empty or missing split: no validation."""
+
+    def validate(self) -> None:
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"data.patch must be three positive sizes, got {self.patch}")
+        if not 0.0 <= self.oversample_foreground <= 1.0:
+            raise ValueError(f"data.oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "unet3d"
+    """Network: one of ``ds_seg3d.models.MODEL_CONFIGS`` ("unet3d", "deep_cnn")."""
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Fields of that network's config dataclass (e.g. base_width, levels); the rest keep defaults."""
+
+    def build_config(self, in_channels: int, num_classes: int) -> Any:
+        if self.name not in MODEL_CONFIGS:
+            raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_CONFIGS)}")
+        cls = MODEL_CONFIGS[self.name]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(self.params) - known)
+        if unknown:
+            raise ValueError(f"model.params: {', '.join(unknown)} not fields of {cls.__name__} ({', '.join(sorted(known))})")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()}
+        cfg = cls(**{**kw, "in_channels": in_channels, "num_classes": num_classes})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.name not in MODEL_CONFIGS:
+            raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_CONFIGS)}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps (``train_batch`` calls); each consumes micro-batch x accumulation x dp patches."""
+    stages: int = 2
+    """Pipeline stages; must divide the number of ranks. The rest is data parallel."""
+    partition: str = "memory"
+    """How layers are split over stages: "memory" (activation bytes x in-flight micro-batches),
+    or DeepSpeed's own "parameters" / "uniform"."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations in the backward pass every N layers (0: off)."""
+    seed: int = 1234
+    """Seeds the layer initialisation (the same for any stage count) and the patch sampler."""
+    dice_weight: float = 1.0
+    """Weight of the soft Dice term (foreground classes) in the loss."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy term in the loss."""
+    val_every: int = 100
+    """Validate every N steps (and at the end); 0: only at the end."""
+    val_overlap: float = 0.25
+    """Sliding-window overlap at validation."""
+    val_max_cases: int = 4
+    """At most this many validation cases per validation round (0: all)."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every N steps (and at the end); 0: only at the end."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.stages < 1:
+            raise ValueError(f"train.stages must be >= 1, got {self.stages}")
+        if self.partition not in ("memory", "parameters", "uniform"):
+            raise ValueError(f"train.partition must be memory, parameters or uniform, got {self.partition!r}")
+        if self.activation_checkpoint_interval < 0:
+            raise ValueError("train.activation_checkpoint_interval must be >= 0")
+        if not 0.0 <= self.val_overlap < 1.0:
+            raise ValueError(f"train.val_overlap must be in [0, 1), got {self.val_overlap}")
+        # Checked here because the loop would otherwise fail only after the engines are built.
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+        for name in ("val_every", "checkpoint_every", "val_max_cases"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if min(self.dice_weight, self.ce_weight) < 0 or self.dice_weight == self.ce_weight == 0:
+            raise ValueError(f"train.dice_weight and train.ce_weight must be >= 0 and not both 0, "
+                             f"got {self.dice_weight} and {self.ce_weight}")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Where the patches come from."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Which network, and its size."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Schedule, pipeline layout, loss, validation and checkpoints."""
+
+    def validate(self) -> "ExperimentConfig":
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a TOML or command-line value to the field's declared type."""
+    origin = getattr(hint, "__origin__", None)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if hint in (int, float, str):
+        # TOML 2.5 or true for an int field is a mistake, not something to truncate silently.
+        if hint is not str and (isinstance(value, bool) or (hint is int and isinstance(value, float))):
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+    if origin is tuple:
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        items = value.split(",") if isinstance(value, str) else list(value)
+        args = hint.__args__
+        if len(items) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(items, args))
+    if origin is dict:
+        try:
+            value = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: expected a table or JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _section_from(cls: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"[{section}]: expected a table, got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"[{section}]: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+    hints = get_type_hints(ExperimentConfig)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
+    return ExperimentConfig(**{k: _section_from(hints[k], v, k) for k, v in raw.items()}).validate()
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply ``section.field=value`` strings (``model.params.base_width=8`` sets a model parameter)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        section = getattr(cfg, parts[0], None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ValueError(f"override {item!r}: unknown section {parts[0]!r}")
+        if parts[0] == "model" and parts[1] == "params" and len(parts) == 3:
+            try:
+                section.params[parts[2]] = json.loads(value)
+            except json.JSONDecodeError:
+                section.params[parts[2]] = value
+            continue
+        hints = get_type_hints(type(section))
+        if len(parts) != 2 or parts[1] not in hints:
+            raise ValueError(f"override {item!r}: {parts[0]} has no field {'.'.join(parts[1:])!r}")
+        setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+    return cfg.validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load a TOML experiment file (or the defaults when ``path`` is None) and apply overrides."""
+    if path is None:
+        cfg = ExperimentConfig()
+    else:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: experiment config not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        try:
+            cfg = from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return apply_overrides(cfg, list(overrides))

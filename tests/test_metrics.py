@@ -1,0 +1,81 @@
+"""Dice and volume metrics on hard label maps."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ds_seg3d.metrics import dice, dice_per_class, voxel_volume_ml, volume_error_pct, volumes_ml
+
+RNG = np.random.default_rng(0)
+MASK = RNG.random((6, 5, 4)) > 0.5
+EMPTY = np.zeros((6, 5, 4), dtype=bool)
+
+
+@pytest.mark.parametrize("pred, truth, expected", [
+    (EMPTY, EMPTY, 1.0),                      # nothing to find, nothing found
+    (MASK, EMPTY, 0.0),                       # found something that is not there
+    (EMPTY, MASK, 0.0),                       # missed everything
+    (MASK, MASK, 1.0),
+    (MASK, ~MASK, 0.0),
+    (np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0]), 0.5),  # 2 * 1 / (2 + 2)
+    (np.array([1, 1, 1, 0]), np.array([1, 1, 0, 0]), 0.8),  # 2 * 2 / (3 + 2)
+])
+def test_dice_edge_cases(pred, truth, expected):
+    assert dice(pred, truth) == pytest.approx(expected)
+    assert dice(truth, pred) == pytest.approx(expected)  # symmetric
+
+
+def test_dice_per_class_skips_background():
+    truth = np.array([0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 1, 2, 2, 2, 0])
+    got = dice_per_class(pred, truth, {"background": 0, "a": 1, "b": 2, "absent": 5})
+    assert set(got) == {"a", "b", "absent"}
+    assert got["a"] == pytest.approx(2 * 1 / (1 + 2))
+    assert got["b"] == pytest.approx(2 * 2 / (3 + 3))
+    assert got["absent"] == 1.0
+
+
+ANISO = np.array([[0.8, 0.0, 0.0, 10.0],
+                  [0.0, -0.7, 0.0, -5.0],
+                  [0.0, 0.0, 2.5, 3.0],
+                  [0.0, 0.0, 0.0, 1.0]])
+ROTATED = ANISO.copy()
+ROTATED[:3, :3] = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([1.5, 0.5, 3.0])
+
+
+@pytest.mark.parametrize("affine, voxel_mm3", [
+    (np.eye(4), 1.0),
+    (ANISO, 0.8 * 0.7 * 2.5),
+    (ROTATED, 1.5 * 0.5 * 3.0),
+])
+def test_volumes_ml_are_counts_times_voxel_volume(affine, voxel_mm3):
+    label = RNG.integers(0, 4, size=(7, 6, 5))
+    labels = {"background": 0, "a": 1, "b": 3, "absent": 9}
+    got = volumes_ml(label, affine, labels)
+    assert voxel_volume_ml(affine) == pytest.approx(voxel_mm3 / 1000.0)
+    assert set(got) == {"a", "b", "absent"}
+    for name in ("a", "b"):
+        assert got[name] == pytest.approx(np.count_nonzero(label == labels[name]) * voxel_mm3 / 1000.0)
+    assert got["absent"] == 0.0
+
+
+def test_volumes_ml_with_no_named_foreground_is_empty():
+    assert volumes_ml(np.zeros((3, 3, 3), dtype=np.uint8), np.eye(4), {}) == {}
+    assert volumes_ml(np.zeros((3, 3, 3), dtype=np.uint8), np.eye(4), {"background": 0}) == {}
+
+
+@pytest.mark.parametrize("pred_ml, true_ml, expected", [
+    (110.0, 100.0, 10.0),     # over-segmentation: positive
+    (75.0, 100.0, -25.0),     # under-segmentation: negative
+    (100.0, 100.0, 0.0),
+    (0.0, 40.0, -100.0),
+])
+def test_volume_error_pct_sign(pred_ml, true_ml, expected):
+    assert volume_error_pct(pred_ml, true_ml) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("pred_ml", [0.0, 12.5])
+def test_volume_error_pct_nan_for_empty_truth(pred_ml):
+    assert math.isnan(volume_error_pct(pred_ml, 0.0))
