@@ -1,0 +1,78 @@
+"""Process-group set-up and one ``deepspeed.initialize`` per engine.
+
+Each engine gets its own deep copy of its config: DeepSpeed keeps and mutates what it is given,
+and two engines (e.g. the segmentation pipeline and a discriminator) must never share one dict.
+The config is checked against the module's topology before DeepSpeed sees it, so a batch or ZeRO
+mistake is one clear line instead of an assert raised on every rank mid start-up.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.pipe import PipelineModule
+
+from ds_seg3d.parallel.ds_config import check_ds_config, topology_for
+from ds_seg3d.parallel.topology import Topology
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Join (or create) the process group; idempotent.
+
+    The backend follows the accelerator (gloo on CPU, nccl on CUDA). Started without a launcher,
+    the process becomes a world of one instead of DeepSpeed's MPI discovery, so the same entry
+    point works for a quick single-process run.
+    """
+    if dist.is_initialized():
+        return
+    if not all(key in os.environ for key in _LAUNCHER_ENV):
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if backend is None:
+        backend = get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def module_topology(module: PipelineModule) -> tuple[int, int]:
+    """(world size, stages) of a built pipeline module."""
+    topo = module.topology()
+    return topo.world_size(), topo.get_dim("pipe")
+
+
+def initialize_pipeline(module: PipelineModule, ds_cfg: dict[str, Any]) -> Any:
+    """Wrap a built ``PipelineModule`` in DeepSpeed's ``PipelineEngine`` (ZeRO-0/1 only)."""
+    if not isinstance(module, PipelineModule):
+        raise TypeError(f"initialize_pipeline needs a PipelineModule, got {type(module).__name__}")
+    world, stages = module_topology(module)
+    topology: Topology = topology_for(ds_cfg, world, stages)
+    check_ds_config(ds_cfg, topology, pipeline=True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=copy.deepcopy(ds_cfg))
+    return engine
+
+
+def initialize_plain(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> Any:
+    """Wrap an unpipelined model (any ZeRO stage, e.g. the ZeRO-3 memory comparison)."""
+    init_distributed()
+    topology = topology_for(ds_cfg, dist.get_world_size(), 1)
+    check_ds_config(ds_cfg, topology, pipeline=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=copy.deepcopy(ds_cfg))
+    return engine

@@ -1,0 +1,91 @@
+"""Run a script on several real ranks with the ``deepspeed`` launcher, as users do.
+
+Multi-rank tests call ``run_deepspeed(script, args, num_ranks=2)``: it picks a free master port,
+forces ``OMP_NUM_THREADS=1`` (ranks share a few CPU cores), puts the repository root on
+``PYTHONPATH`` so rank scripts import ``ds_seg3d``, captures stdout and stderr together, and kills
+the whole process group if the run exceeds its timeout. Ranks receive ``--local_rank=N`` from the
+launcher, so rank scripts must accept it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RANKS_DIR = Path(__file__).resolve().parent / "ranks"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the launcher's rendezvous port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_executable() -> str:
+    """The launcher of the interpreter running the tests (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("deepspeed")
+    if found is None:
+        raise FileNotFoundError("the deepspeed launcher is not installed next to python nor on PATH")
+    return found
+
+
+def tail(text: str, lines: int = 60) -> str:
+    """The end of a long log, for assertion messages."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_deepspeed(
+    script: str | Path,
+    args: Sequence[str] = (),
+    *,
+    num_ranks: int = 2,
+    timeout: float = 600.0,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """``deepspeed --num_gpus N --master_port P <script> args`` from the repository root.
+
+    Returns the completed process (``stdout`` holds stdout and stderr interleaved). With
+    ``check`` a non-zero exit or a timeout raises ``AssertionError`` carrying the log's tail.
+    """
+    script = Path(script)
+    if not script.is_absolute():
+        script = RANKS_DIR / script if (RANKS_DIR / script).exists() else REPO_ROOT / script
+    run_env = dict(os.environ)
+    run_env.update(env or {})
+    run_env["OMP_NUM_THREADS"] = "1"
+    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), run_env.get("PYTHONPATH", "")) if p)
+    cmd = [
+        deepspeed_executable(), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+        str(script), *map(str, args),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: a timeout takes the ranks down with the launcher
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        if check:
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout:.0f} s:\n{tail(out)}") from None
+        return subprocess.CompletedProcess(cmd, -signal.SIGKILL, out, None)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited with {result.returncode}:\n{tail(out)}")
+    return result
