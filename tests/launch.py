@@ -52,6 +52,7 @@ def run_deepspeed(
     timeout: float = 600.0,
     env: Mapping[str, str] | None = None,
     check: bool = True,
+    module: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """``deepspeed --num_gpus N --master_port P <script> args`` from the repository root.
 
@@ -59,15 +60,19 @@ def run_deepspeed(
     ``check`` a non-zero exit or a timeout raises ``AssertionError`` carrying the log's tail.
     """
     script = Path(script)
-    if not script.is_absolute():
-        script = RANKS_DIR / script if (RANKS_DIR / script).exists() else REPO_ROOT / script
+    if module:  # ``deepspeed --module pkg.mod``, the way users launch training
+        target = ["--module", str(script)]
+    elif not script.is_absolute():
+        target = [str(RANKS_DIR / script if (RANKS_DIR / script).exists() else REPO_ROOT / script)]
+    else:
+        target = [str(script)]
     run_env = dict(os.environ)
     run_env.update(env or {})
     run_env["OMP_NUM_THREADS"] = "1"
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), run_env.get("PYTHONPATH", "")) if p)
     cmd = [
         deepspeed_executable(), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-        str(script), *map(str, args),
+        *target, *map(str, args),
     ]
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

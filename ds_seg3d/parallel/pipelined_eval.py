@@ -22,9 +22,13 @@ class PipelinedForward:
     def __enter__(self) -> "PipelinedForward":
         # Training cached the activation shapes of training patches; windows may differ.
         self.engine.reset_activation_shape()
+        # eval_batch logs an eval loss to the monitor from rank 0, which has none without a loss.
+        self._monitor = self.engine.monitor.enabled
+        self.engine.monitor.enabled = False
         return self
 
     def __exit__(self, *exc) -> None:
+        self.engine.monitor.enabled = self._monitor
         self.engine.reset_activation_shape()
 
     def _blank(self) -> torch.Tensor:
@@ -41,9 +45,10 @@ class PipelinedForward:
         if windows is not None and self.engine.is_first_stage():
             batch[: windows.shape[0]] = windows
         dummy_labels = torch.zeros((self.micro_batch,) + self.window, dtype=torch.long)
+        self.engine.total_loss = None  # eval_batch adds every output to the last training loss
         out = self.engine.eval_batch(iter([(batch, dummy_labels)]), compute_loss=False, reduce_output=None,
                                      bcast_loss=False, num_micro_batches=1)
-        self.engine.total_loss = None  # eval_batch sums every output into it; nothing reads it here
+        self.engine.total_loss = None
         if not self.engine.is_last_stage():
             return None
         logits = out[0] if isinstance(out, (list, tuple)) else out

@@ -1,0 +1,187 @@
+"""Pipelined 3D CNN training: ``deepspeed [--num_gpus N | --hostfile H] --module ds_seg3d.train --data SHARDS --out RUN``.
+
+config -> data -> layers -> PipelineModule -> engine -> loop (train_batch, validate, checkpoint) -> curve.
+The first and last pipeline stages draw the same patch sequence (images on the first, labels on the
+last), seeded by (seed, data-parallel rank, epoch, index); middle stages draw nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ds_seg3d import checkpoint as ckpt
+from ds_seg3d.config import ExperimentConfig, load_config
+from ds_seg3d.data.augment import AugmentConfig
+from ds_seg3d.data.reader import ShardReader
+from ds_seg3d.data.sampler import PatchSampler
+from ds_seg3d.losses import DiceCELoss
+from ds_seg3d.models import build_layers, check_patch
+from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config
+from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
+from ds_seg3d.parallel.pipeline import build_pipeline
+from ds_seg3d.parallel.topology import Topology
+from ds_seg3d.run_log import MetricsLog, plot_training_curve
+from ds_seg3d.validate import validate
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "pipeline_zero1_cpu_fp32.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ds_seg3d.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="shard folder (data_tools build-shards output)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, monitor, PNGs")
+    p.add_argument("--config", help="experiment TOML (defaults: the demo's model and budget)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON (optimizer, ZeRO, precision, batch)")
+    p.add_argument("--stages", type=int, help="pipeline stages (overrides train.stages)")
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
+    p.add_argument("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")
+    p.add_argument("--grad-accum", type=int, help="overrides gradient_accumulation_steps (micro-batches per step)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any experiment field, e.g. --set model.params.base_width=8")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    return p.parse_args(argv)
+
+
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = [f"data.shards={args.data}"] + list(args.set)
+    if args.stages is not None:
+        overrides.append(f"train.stages={args.stages}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    return load_config(args.config, overrides)
+
+
+def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology) -> dict:
+    """What ``predict`` needs besides the weights: the model, labels and the dataset's preprocessing."""
+    m = reader.manifest
+    return {
+        "experiment": cfg.to_dict(),
+        "model": {"name": cfg.model.name, "config": _jsonable(model_cfg.__dict__)},
+        "labels": reader.labels,
+        "preprocessing": {k: m.get(k) for k in ("modality", "target_spacing", "normalisation")},
+        "manifest_name": m.get("name"),
+        "deepspeed_config": ds_cfg,
+        "topology": {"world_size": topo.world_size, "stages": topo.stages, "dp": topo.dp},
+    }
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def save(engine, run: Path, step: int, sampler: PatchSampler) -> None:
+    """Save on every rank; ``latest`` is written only after every rank has finished its files."""
+    tag = ckpt.step_tag(step)
+    state = {"step": step, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+    engine.save_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, client_state=state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt.write_latest(run, tag)
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train(argv)[0]
+
+
+def train(argv: list[str] | None = None):
+    """Run the training job; returns (exit code, engine or None) so that checks can inspect the engine."""
+    args = parse_args(argv)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        cfg = experiment_config(args)
+        reader = ShardReader(cfg.data.shards)
+        ds_cfg = fill_batch_fields(load_ds_config(args.deepspeed_config), world, cfg.train.stages,
+                                   micro_batch=args.micro_batch, grad_accum=args.grad_accum)
+        topo = Topology(world, cfg.train.stages, ds_cfg["train_micro_batch_size_per_gpu"],
+                        ds_cfg["gradient_accumulation_steps"]).validate()
+        check_ds_config(ds_cfg, topo, pipeline=True)
+        model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
+        check_patch(model_cfg, cfg.data.patch)
+        train_cases = reader.case_ids(cfg.data.train_split)
+        if not train_cases:
+            raise ValueError(f"{cfg.data.shards}: split {cfg.data.train_split!r} has no cases")
+    except ValueError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    run = Path(args.out)
+    if args.resume and ckpt.latest_tag(run) is None:
+        if rank == 0:
+            print(f"error: {ckpt.checkpoint_root(run)}: --resume but no complete checkpoint", file=sys.stderr)
+        return 2, None
+    run.mkdir(parents=True, exist_ok=True)
+    sched = ds_cfg.get("scheduler", {}).get("params", {})
+    if "total_num_steps" in sched:  # cosine/decay schedules end with the run, however long it is
+        sched["total_num_steps"] = cfg.train.steps
+    ds_cfg.setdefault("csv_monitor", {}).update(output_path=str(run / "monitor"), job_name="train")
+    if "tensorboard" in ds_cfg:
+        ds_cfg["tensorboard"].update(output_path=str(run / "monitor"), job_name="train")
+
+    stage, dp_rank = topo.stage_of(rank), topo.dp_rank_of(rank)
+    defs = build_layers(cfg.model.name, model_cfg)
+    module = build_pipeline(defs, topo, DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight),
+                            partition_method=cfg.train.partition,
+                            sample_shape=(topo.micro_batch, 1, *cfg.data.patch),
+                            activation_checkpoint_interval=cfg.train.activation_checkpoint_interval,
+                            seed=cfg.train.seed)
+    engine = initialize_pipeline(module, ds_cfg)
+
+    sampler = PatchSampler(reader, train_cases, cfg.data.patch, dp_rank=dp_rank, dp_size=topo.dp,
+                           seed=cfg.train.seed, oversample_foreground=cfg.data.oversample_foreground,
+                           patches_per_epoch=math.ceil(len(train_cases) / topo.dp),
+                           augment=AugmentConfig() if cfg.data.augment else None)
+    start = 0
+    if args.resume:
+        _, state = engine.load_checkpoint(str(ckpt.checkpoint_root(run)), tag=ckpt.latest_tag(run),
+                                          load_module_only=False)
+        start = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+    elif rank == 0:
+        (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo), indent=1))
+    data_iter = sampler.batches(topo.micro_batch) if (engine.is_first_stage() or engine.is_last_stage()) else None
+
+    val_cases = reader.case_ids(cfg.data.val_split) if cfg.data.val_split else []
+    if cfg.train.val_max_cases:
+        val_cases = val_cases[: cfg.train.val_max_cases]
+    log = MetricsLog(run) if rank == 0 else None
+    if rank == 0:
+        print(topo.describe(), flush=True)
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
+    for step in range(start + 1, cfg.train.steps + 1):
+        loss = float(engine.train_batch(data_iter))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        last = step == cfg.train.steps
+        if log and (step % cfg.train.log_every == 0 or last or step == start + 1):
+            log.write("train", step, loss=loss, lr=engine.get_lr()[0])
+        if val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
+            dice = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp, roi=cfg.data.patch,
+                            micro_batch=topo.micro_batch, overlap=cfg.train.val_overlap)
+            if log:
+                log.write("val", step, dice=dice)
+                bar.write(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+        if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            save(engine, run, step, sampler)
+    bar.close()
+    if rank == 0:
+        curve = plot_training_curve(run)
+        print(f"run folder: {run} (checkpoint {ckpt.latest_tag(run)}, curve {curve})", flush=True)
+    dist.barrier()
+    return 0, engine
+
+
+if __name__ == "__main__":
+    sys.exit(main())
