@@ -24,7 +24,7 @@ from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
 from ds_seg3d.losses import DiceCELoss
 from ds_seg3d.models import build_layers, check_patch
-from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config
+from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
 from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
 from ds_seg3d.parallel.pipeline import build_pipeline
 from ds_seg3d.parallel.topology import Topology
@@ -102,10 +102,11 @@ def train(argv: list[str] | None = None):
     try:
         cfg = experiment_config(args)
         reader = ShardReader(cfg.data.shards)
-        ds_cfg = fill_batch_fields(load_ds_config(args.deepspeed_config), world, cfg.train.stages,
-                                   micro_batch=args.micro_batch, grad_accum=args.grad_accum)
-        topo = Topology(world, cfg.train.stages, ds_cfg["train_micro_batch_size_per_gpu"],
-                        ds_cfg["gradient_accumulation_steps"]).validate()
+        file_cfg = load_ds_config(args.deepspeed_config)
+        topo = topology_for(file_cfg, world, cfg.train.stages, args.micro_batch, args.grad_accum).validate()
+        if args.micro_batch is None and args.grad_accum is None:
+            check_ds_config(file_cfg, topo, pipeline=True)  # a train_batch_size in the file must agree
+        ds_cfg = fill_batch_fields(file_cfg, topo)
         check_ds_config(ds_cfg, topo, pipeline=True)
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
         check_patch(model_cfg, cfg.data.patch)
