@@ -8,6 +8,7 @@ the handles, so a reader can also be sent to spawned workers.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +18,9 @@ import numpy as np
 from ds_seg3d.data import shard_format as sf
 
 _REQUIRED_KEYS = ("labels", "shards", "cases", "splits")
+
+
+MAX_OPEN_CASES = 4
 
 
 class ShardReader:
@@ -43,7 +47,8 @@ class ShardReader:
         """Forget handles and caches; the next read opens shards for the current process."""
         self._pid: int | None = None
         self._files: dict[str, h5py.File] = {}
-        self._datasets: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        # Least recently used first: each open dataset keeps its own chunk cache of up to cache_bytes.
+        self._datasets: OrderedDict[str, tuple[h5py.Dataset, h5py.Dataset]] = OrderedDict()
         self._foreground: dict[str, dict[int, np.ndarray]] = {}
         self._pad: dict[str, float] = {}
 
@@ -134,6 +139,10 @@ class ShardReader:
         if ds is None:
             g = self._group(case)
             ds = self._datasets[case] = (g[sf.IMAGE], g[sf.LABEL])
+            while len(self._datasets) > MAX_OPEN_CASES:  # bounds chunk-cache memory over many cases
+                self._datasets.popitem(last=False)
+        else:
+            self._datasets.move_to_end(case)
         return ds
 
     def geometry(self, case: str) -> sf.CaseGeometry:
