@@ -1,18 +1,24 @@
 """Seeded CT-like abdominal phantoms in the Medical Segmentation Decathlon (MSD) layout.
 
 The demo, the tests and the benchmarks need CT volumes whose difficulties resemble real ones (Hounsfield
-intensities, partial volume, noise, anisotropic voxels, mixed RAS/LPS storage) without downloading
-anything. Two tasks:
+intensities, partial volume, correlated noise, anisotropic voxels, mixed RAS/LPS storage) without
+downloading anything. Both tasks share one abdomen: skin, subcutaneous fat and a muscle wall; spine,
+paraspinal muscles, quadratus lumborum and psoas; liver, spleen, kidneys, aorta and IVC with their iliac
+branches; bowel loops holding fluid and gas. Organs are kept apart by fat planes, as fascia keeps them.
 
-* ``kidney``: polycystic kidneys, enlarged and irregular, full of cysts of many sizes; the label covers
-  parenchyma and cysts, so a model must learn that dark cysts inside the outline are still kidney.
-* ``psoas``: psoas muscles that widen caudally and have nearly the intensity of the paraspinal muscles;
-  only thin fat planes or bone separate them, so shape, not contrast, decides.
+* ``kidney``: a contrast-enhanced (nephrographic phase, parenchyma 120-150 HU) scan centred on
+  polycystic kidneys: enlarged, lumpy and full of water-dense cysts of many sizes, some bulging the
+  outline; the liver holds a few cysts too. The label covers parenchyma and kidney cysts, so a model
+  must learn that dark cysts inside the kidney are kidney and those in the liver are not.
+* ``psoas``: an unenhanced scan from the kidneys to the pelvis. The psoas runs from about the upper
+  sixth of the slices to the caudal end, widening caudally beside the vertebral bodies; paraspinal
+  muscles, quadratus lumborum, vessels, bowel walls and kidneys lie within a few HU of it, so shape and
+  position, not contrast, decide.
 
-Anatomy is built in world millimetres. Its size depends on the requested shape and the seed, never on
-the case's sampled voxel spacing, so resampling cases to a common spacing lines them up as real scans
-line up. A 128-voxel field of view at 0.7-1.0 mm spans only 80-140 mm, so the body is a proportionally
-scaled abdomen sized to fit the smallest field of view the sampling can produce.
+Each case is framed on its anatomy as a radiographer frames a scan: in-plane the body fills 80-90 % of
+the field of view, and the slices cover the same stretch of anatomy whatever their spacing. Organ sizes
+in millimetres therefore follow the sampled spacing: resampled cases differ in size by up to ~1.8x
+in-plane and ~3x craniocaudally, more than patients do, which scale augmentation has to absorb.
 """
 from __future__ import annotations
 
@@ -33,25 +39,35 @@ from tqdm import tqdm
 from data_tools.errors import DataError
 
 TASKS = ("kidney", "psoas")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_SHAPE = (128, 128, 64)
 SHAPE_JITTER = (0.9, 1.1)  # per-case factor on each axis of the requested shape
 INPLANE_SPACING = (0.7, 1.0)  # mm, the same for x and y, as CT pixels are square
 SLICE_SPACING = (1.5, 5.0)  # mm
 MIN_SHAPE = (16, 16, 8)
+BODY_WIDTH = (0.8, 0.88)  # body width / in-plane field of view, before the outline's wobble
 
 # Tissue classes of the rendered map; labels are derived from it.
 TISSUES = {name: i for i, name in enumerate((
     "air", "fat", "muscle", "visceral_fat", "bowel", "liver", "cancellous_bone", "cortical_bone",
-    "disc", "spinal_canal", "kidney", "cyst", "paraspinal", "psoas"))}
-# Hounsfield ranges; each case draws one value per tissue (cysts draw one each).
+    "disc", "spinal_canal", "kidney", "cyst", "paraspinal", "psoas", "spleen", "vessel", "fluid", "gas",
+    "hepatic_cyst"))}
+# Unenhanced Hounsfield ranges; each case draws one value per tissue (cysts and bowel loops one each).
 HU_RANGES = {
-    "air": (-1000, -1000), "fat": (-115, -85), "muscle": (40, 55), "visceral_fat": (-105, -80),
-    "bowel": (15, 40), "liver": (55, 70), "cancellous_bone": (180, 300), "cortical_bone": (500, 900),
-    "disc": (70, 100), "spinal_canal": (5, 20), "kidney": (30, 40), "cyst": (0, 15), "paraspinal": (45, 60),
+    "air": (-1000, -1000), "fat": (-115, -85), "muscle": (42, 55), "visceral_fat": (-105, -80),
+    "bowel": (38, 50), "liver": (55, 70), "cancellous_bone": (180, 300), "cortical_bone": (500, 900),
+    "disc": (70, 100), "spinal_canal": (5, 20), "kidney": (30, 40), "cyst": (0, 15), "paraspinal": (42, 55),
+    "spleen": (42, 52), "vessel": (40, 52), "fluid": (0, 20), "gas": (-1000, -950), "hepatic_cyst": (0, 15),
 }
+# The kidney task's contrast phase: enhancing parenchyma makes the water-dense cysts stand out.
+ENHANCED = {"kidney": (120, 150), "liver": (95, 115), "spleen": (100, 125), "vessel": (140, 180),
+            "bowel": (60, 90)}
 PSOAS_CONTRAST = 5.0  # |psoas - paraspinal| HU, at most
 LABELS = {"kidney": ("kidney", "cyst"), "psoas": ("psoas",)}
+# Organs that fat or fascia keeps apart, strongest first: where two meet, the weaker one's edge becomes fat.
+PLANES = (("muscle",), ("paraspinal",), ("vessel",), ("psoas",), ("kidney", "cyst"), ("liver", "hepatic_cyst"),
+          ("spleen",), ("bowel", "fluid", "gas"))
+SOFT = ("visceral_fat", "liver", "spleen", "hepatic_cyst")  # what a growing kidney may displace
 
 Inside = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -67,7 +83,11 @@ class Phantom:
 
 
 class _Canvas:
-    """A RAS-ordered grid in world mm that shapes are painted onto, each within its bounding box only."""
+    """A RAS-ordered grid that shapes are painted onto, each within its bounding box only.
+
+    x and y are world mm; z is anatomical mm (world z divided by the case's craniocaudal stretch), so
+    shapes are drawn with true proportions whatever the slice spacing.
+    """
 
     def __init__(self, axes: Sequence[np.ndarray]):
         self.axes = axes
@@ -77,7 +97,7 @@ class _Canvas:
 
     def paint(self, tissue: str, hu: float, center: Sequence[float], reach: Sequence[float],
               inside: Inside, over: Sequence[str] | None = None) -> None:
-        """Set voxels within ``reach`` mm of ``center`` where ``inside(dx, dy, dz)`` holds.
+        """Set voxels within ``reach`` of ``center`` where ``inside(dx, dy, dz)`` holds.
 
         ``over`` restricts painting to voxels currently of those tissues, which keeps organs from
         overwriting bone or leaving the body.
@@ -112,18 +132,32 @@ def _wobble(rng: np.random.Generator, amplitude: float, modes: int = 4) -> Insid
 
 
 def _ellipsoid(radii: Sequence[float], angle: float = 0.0, wobble: Inside | None = None,
-               z_ref: float = 1.0) -> Inside:
-    """Inside test of an ellipsoid rotated in-plane; ``radii[2] = inf`` makes a cylinder along z."""
+               z_ref: float = 1.0, shear: Sequence[float] = (0.0, 0.0)) -> Inside:
+    """Ellipsoid rotated in-plane and sheared along z; ``radii[2] = inf`` makes a cylinder along z."""
     ca, sa = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     a, b, c = (np.float32(r) for r in radii)
+    hx, hy = (np.float32(s) for s in shear)
 
     def inside(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        dx, dy = dx - hx * dz, dy - hy * dz
         u, v = (ca * dx + sa * dy) / a, (ca * dy - sa * dx) / b
         w = dz / c if np.isfinite(c) else np.zeros_like(dz)
         q = u * u + v * v + w * w
         if wobble is not None:
             q = q - wobble(u, v, w if np.isfinite(c) else dz / np.float32(z_ref))
         return q < 1.0
+    return inside
+
+
+def _capsule(half: Sequence[float], r: float, level: float | None = None) -> Inside:
+    """Tube of radius ``r`` around the segment from -half to +half; ``level`` keeps only dy > level."""
+    h = np.asarray(half, np.float32)
+    hh = max(float(h @ h), 1e-6)
+
+    def inside(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        t = np.clip((dx * h[0] + dy * h[1] + dz * h[2]) / hh, -1, 1)
+        m = (dx - t * h[0]) ** 2 + (dy - t * h[1]) ** 2 + (dz - t * h[2]) ** 2 < r * r
+        return m if level is None else m & (dy > level)
     return inside
 
 
@@ -135,48 +169,174 @@ def _box(half: Sequence[float], phase: Callable[[np.ndarray], np.ndarray] | None
     return inside
 
 
-def _body(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], L: float, H: float) -> dict[str, float]:
-    """Skin outline, subcutaneous fat, abdominal wall, visceral fat; returns the frame organs hang on."""
-    bx, by = rng.uniform(-0.03, 0.03, 2) * L
-    ax = rng.uniform(0.82, 0.9) * L
-    ay = ax * rng.uniform(0.7, 0.78)
-    tf, tw = rng.uniform(0.05, 0.09) * L, rng.uniform(0.03, 0.045) * L
-    wob = _wobble(rng, 0.04)
+def _tube(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], a: np.ndarray, b: np.ndarray,
+          r: float, over: Sequence[str], gas_odds: float) -> None:
+    """A bowel segment from a to b: wall, then fluid, and gas floating anteriorly above a fluid level."""
+    mid, half = (a + b) / 2, (b - a) / 2
+    reach = np.abs(half) + r
+    c.paint("bowel", hu["bowel"] + rng.uniform(-5, 5), mid, reach, _capsule(half, r), over=over)
+    lumen = r - max(0.15 * r, 1.2 * float(c.axes[0][1] - c.axes[0][0]))
+    if rng.uniform() < 0.25 or lumen <= 0:
+        return  # collapsed loop: wall only, as dense as muscle
+    c.paint("fluid", rng.uniform(*HU_RANGES["fluid"]), mid, reach, _capsule(half, lumen), over=("bowel",))
+    if rng.uniform() < gas_odds:  # patient supine: gas rises anteriorly (+y)
+        c.paint("gas", hu["gas"], mid, reach, _capsule(half, lumen, rng.uniform(-0.6, 0.5) * lumen),
+                over=("fluid",))
+
+
+def _body(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], A: float, B: float,
+          Z: float) -> dict[str, float]:
+    """Skin outline, subcutaneous fat, muscle wall, visceral fat; returns the frame organs hang on.
+
+    The outline is a superellipse, flatter at the back where the patient lies on the table; its girth
+    changes slowly along z. Comparing a 2D level function with a 1D girth keeps this cheap.
+    """
+    x, y, z = c.axes
+    bx, by = rng.uniform(-0.02, 0.02, 2) * A
+    vox = float(x[1] - x[0])
+    p, tf, tw = rng.uniform(2.2, 2.8), rng.uniform(0.08, 0.14) * A, max(rng.uniform(0.04, 0.06) * A, 1.6 * vox)
+    u, v = x[:, None] - bx, y[None, :] - by
+    wob = _wobble(rng, 0.03)(u / A, v / B, np.float32(0))
+    girth = 1 + 0.03 * np.cos(z / Z * rng.uniform(1, 2) + rng.uniform(0, 2 * np.pi)).astype(np.float32)
+    pp = np.where(v < 0, p + 1.0, p).astype(np.float32)
     for tissue, inset in (("fat", 0.0), ("muscle", tf), ("visceral_fat", tf + tw)):
-        c.paint(tissue, hu[tissue], (bx, by, 0.0), (1.1 * ax, 1.1 * ay, np.inf),
-                _ellipsoid((ax - inset, ay - inset, np.inf), wobble=wob, z_ref=H))
-    rv = rng.uniform(0.11, 0.13) * L  # vertebral body radius: the unit of the posterior anatomy
-    yv = by - ay + tf + tw + 3.05 * rv  # vertebral body centre, paraspinals filling the space behind
-    return {"bx": bx, "by": by, "rv": rv, "sx": bx, "yv": yv}
+        level = (np.abs(u / (A - inset)) ** pp + np.abs(v / (B - inset)) ** pp) ** (1 / pp) - wob
+        mask = level[:, :, None] < girth[None, None, :]
+        c.tissue[mask], c.hu[mask] = TISSUES[tissue], hu[tissue]
+    rv = rng.uniform(0.12, 0.14) * A  # vertebral body radius: the unit of the posterior anatomy
+    return {"bx": bx, "by": by, "A": A, "B": B, "Z": Z, "rv": rv, "yv": by - B + tf + 3.4 * rv}
 
 
-def _bowel(c: _Canvas, rng: np.random.Generator, f: dict[str, float], L: float, H: float,
-           x_range: tuple[float, float]) -> None:
-    """Soft-tissue loops anterior to the retroperitoneum: distractors near organ intensities."""
-    for _ in range(int(rng.integers(5, 11))):
-        r = rng.uniform(0.07, 0.15) * L
-        ctr = (f["bx"] + rng.uniform(*x_range) * L, f["by"] + rng.uniform(0.0, 0.45) * L,
-               rng.uniform(-0.8, 0.8) * H)
-        c.paint("bowel", rng.uniform(*HU_RANGES["bowel"]), ctr, (2.5 * r,) * 3,
-                _ellipsoid((r, r * rng.uniform(0.6, 1.0), r * rng.uniform(1.0, 2.0)), rng.uniform(0, np.pi),
-                           _wobble(rng, 0.3)), over=("visceral_fat",))
-
-
-def _paraspinals(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float],
-                 H: float) -> None:
-    """Back muscles behind the transverse processes, as dense as the psoas: the psoas task's decoy."""
-    rv = f["rv"]
+def _back(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float],
+          top: float) -> None:
+    """Paraspinal muscles behind the transverse processes (as dense as the psoas) and quadratus lumborum."""
+    rv, bx, yv, Z = f["rv"], f["bx"], f["yv"], f["Z"]
     for side in (-1, 1):
-        radii = (rv * rng.uniform(0.95, 1.05), rv * rng.uniform(0.9, 1.0), np.inf)
-        c.paint("paraspinal", hu["paraspinal"], (f["sx"] + side * 1.25 * rv, f["yv"] - 2.1 * rv, 0.0),
-                (2 * rv, 2 * rv, np.inf), _ellipsoid(radii, wobble=_wobble(rng, 0.06), z_ref=H),
+        radii = (rv * rng.uniform(1.0, 1.1), rv * rng.uniform(0.95, 1.05), np.inf)
+        c.paint("paraspinal", hu["paraspinal"], (bx + side * 1.45 * rv, yv - 2.35 * rv, 0.0),
+                (2 * rv, 2 * rv, np.inf), _ellipsoid(radii, wobble=_wobble(rng, 0.06), z_ref=Z),
                 over=("visceral_fat", "muscle"))
+        ql = _ellipsoid((0.8 * rv, 0.4 * rv, np.inf), side * np.deg2rad(-25), _wobble(rng, 0.1), Z)
+        c.paint("muscle", hu["muscle"], (bx + side * 2.5 * rv, yv - 1.15 * rv, (top - 2 * Z) / 2),
+                (rv, rv, (top + 2 * Z) / 2), ql, over=("visceral_fat",))
+
+
+def _psoas(c: _Canvas, rng: np.random.Generator, hu: float, f: dict[str, float], top: float) -> None:
+    """Psoas from ``top`` caudally: a small round cranial tip widening into a thick caudal belly."""
+    rv, A = f["rv"], f["A"]
+    span = 1.6 * A  # craniocaudal distance over which the muscle reaches its full width
+    for side in (-1, 1):
+        r0, r1 = rng.uniform(0.35, 0.45) * rv, rng.uniform(1.15, 1.4) * rv
+        drift, wob = rng.uniform(0.1, 0.4) * rv, _wobble(rng, 0.06)
+
+        def inside(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray, r0=r0, r1=r1, drift=drift, wob=wob,
+                   side=side) -> np.ndarray:
+            dz = dz - 2 * A  # from the cranial tip
+            t = np.clip(-dz / span, 0, 1)
+            r = (r0 + (r1 - r0) * t) * np.sqrt(np.clip(-dz / (0.1 * A), 0, 1)) + 1e-3  # rounded tip
+            u = (dx - side * (1.1 * rv + 0.95 * r + drift * t)) / r
+            v = (dy + 0.1 * rv - 0.45 * rv * t) / (0.9 * r)
+            return u * u + v * v < 1 + wob(u, v, dz / span)
+        c.paint("psoas", hu, (f["bx"], f["yv"], top - 2 * A), (5 * rv, 3 * rv, 2 * A), inside,
+                over=("visceral_fat",))
+
+
+def _solid_organs(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float],
+                  o: float, liver_cysts: int) -> None:
+    """Liver (right upper quadrant, with ``liver_cysts`` cysts), spleen (left, posterior)."""
+    A, B, bx, by = f["A"], f["B"], f["bx"], f["by"]
+    liver_c = np.array([bx + 0.3 * A, by + 0.05 * B, o + 0.85 * A])
+    liver_r = np.array([0.6 * A, 0.8 * B, 0.75 * A]) * rng.uniform(0.9, 1.1, 3)
+    c.paint("liver", hu["liver"], liver_c, 1.3 * liver_r, _ellipsoid(liver_r, rng.uniform(-0.3, 0.1),
+                                                                     _wobble(rng, 0.15)), over=("visceral_fat",))
+    for _ in range(liver_cysts):
+        r_min = 1.5 * float(c.axes[0][1] - c.axes[0][0])
+        r = r_min * max(1.0, 0.08 * A / r_min) ** rng.uniform()
+        ctr = liver_c + rng.uniform(-0.6, 0.6, 3) * liver_r
+        c.paint("hepatic_cyst", rng.uniform(*HU_RANGES["hepatic_cyst"]), ctr, (r,) * 3, _ellipsoid((r,) * 3),
+                over=("liver",))
+    spleen_r = np.array([0.15 * A, 0.32 * A, 0.35 * A]) * rng.uniform(0.85, 1.15, 3)
+    c.paint("spleen", hu["spleen"], (bx - 0.55 * A, by - 0.3 * B, o + 0.6 * A), (1.3 * spleen_r.max(),) * 3,
+            _ellipsoid(spleen_r, np.deg2rad(rng.uniform(30, 50)), _wobble(rng, 0.15)), over=("visceral_fat",))
+
+
+def _vessels(c: _Canvas, hu: dict[str, float], f: dict[str, float], o: float) -> None:
+    """Aorta and IVC in front of the spine, dividing into iliac vessels along the psoas."""
+    rv, bx, yv, Z = f["rv"], f["bx"], f["yv"], f["Z"]
+    bif = o - 0.75 * f["A"]
+    for x, y, r, below, spread, sink in ((-0.35, 1.5, 0.42, 0.0, 1.7, 0.5), (0.95, 1.4, 0.45, 0.1, 1.4, 0.0)):
+        a, b = np.array([bx + x * rv, yv + y * rv, 1.3 * Z]), np.array([bx + x * rv, yv + y * rv, bif - below])
+        c.paint("vessel", hu["vessel"], (a + b) / 2, np.abs(b - a) / 2 + r * rv, _capsule((b - a) / 2, r * rv),
+                over=("visceral_fat",))
+        for side in (-1, 1):
+            e = np.array([bx + side * spread * rv, yv + (y + sink) * rv, -1.3 * Z])
+            c.paint("vessel", hu["vessel"], (b + e) / 2, np.abs(e - b) / 2 + 0.75 * r * rv,
+                    _capsule((e - b) / 2, 0.75 * r * rv), over=("visceral_fat",))
+
+
+def _kidneys(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float], o: float,
+             polycystic: bool) -> None:
+    """Kidneys beside the spine, the right one lower; polycystic ones enlarged and full of cysts."""
+    A, rv = f["A"], f["rv"]
+    vox = float(c.axes[0][1] - c.axes[0][0])
+    for side in (-1, 1):  # -1: the patient's left (RAS x points to the right)
+        scale = (0.28, 0.22, 0.7) if polycystic else (0.16, 0.12, 0.42)
+        radii = np.array(scale) * A * rng.uniform(0.9, 1.1, 3)
+        ctr = np.array([f["bx"] + side * rng.uniform(0.5, 0.54) * A, f["yv"] + rng.uniform(0.0, 0.4) * rv,
+                        o - (0.06 if side > 0 else -0.04) * A])
+        angle = -side * np.deg2rad(rng.uniform(20, 35))  # hilum facing antero-medially
+        shear = (-side * rng.uniform(0.1, 0.2), -rng.uniform(0.05, 0.15))  # lower pole lateral and anterior
+        c.paint("kidney", hu["kidney"], ctr, 1.4 * radii, _ellipsoid(radii, angle, _wobble(
+            rng, 0.12 if polycystic else 0.04), shear=shear), over=SOFT)
+        ca, sa = np.cos(angle), np.sin(angle)
+        if not polycystic:  # renal sinus fat at the hilum
+            hil = ctr - side * 0.6 * radii[0] * np.array([ca, sa, 0.0])
+            c.paint("visceral_fat", hu["visceral_fat"], hil, radii, _ellipsoid(
+                (0.35 * radii[0], 0.45 * radii[1], 0.5 * radii[2]), angle), over=("kidney",))
+            continue
+        # Cysts: centres uniform in the kidney's ellipsoid (through its rotation and shear), radii
+        # log-uniform; the biggest placed first, each kept only clear of the others by a septum of
+        # parenchyma, so they stay round instead of fusing into blotches.
+        n = 1500
+        p = rng.normal(size=(n, 3))
+        p *= (rng.uniform(0, 1, n) ** (1 / 3) * 0.95 / np.linalg.norm(p, axis=1))[:, None] * radii
+        x, y = ca * p[:, 0] - sa * p[:, 1], sa * p[:, 0] + ca * p[:, 1]
+        centres = ctr + np.stack([x + shear[0] * p[:, 2], y + shear[1] * p[:, 2], p[:, 2]], axis=1)
+        r_max = radii[1] * rng.uniform(0.35, 0.45)
+        cyst_r = np.sort(1.3 * vox * max(1.0, r_max / (1.3 * vox)) ** rng.uniform(0, 1, n))[::-1]
+        kept: list[int] = []
+        for i in range(n):
+            gap = np.linalg.norm(centres[kept] - centres[i], axis=1) - cyst_r[kept] - cyst_r[i]
+            if not kept or gap.min() > 0.6 * vox:
+                kept.append(i)
+                r = cyst_r[i]
+                c.paint("cyst", rng.uniform(*HU_RANGES["cyst"]), centres[i], (r,) * 3, _ellipsoid((r, r, r)),
+                        over=("kidney", "cyst", *SOFT))
+
+
+def _bowel(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float], o: float) -> None:
+    """Colon in the flanks and across the top, small-bowel loops in front: mixed wall, fluid and gas."""
+    A, B, bx, yv, rv, Z = f["A"], f["B"], f["bx"], f["yv"], f["rv"], f["Z"]
+    over = ("visceral_fat",)
+    front = f["by"] + 0.55 * B
+    for side in (-1, 1):
+        a = np.array([bx + side * 0.62 * A, yv + 1.8 * rv, -1.2 * Z])
+        b = a + np.array([rng.uniform(-0.05, 0.05) * A, rng.uniform(0, 0.2) * A, o + 0.5 * A + 1.2 * Z])
+        _tube(c, rng, hu, a, b, rng.uniform(0.1, 0.14) * A, over, 0.8)
+    z_tc = o + rng.uniform(0.3, 0.5) * A
+    _tube(c, rng, hu, np.array([bx - 0.62 * A, front, z_tc]), np.array([bx + 0.62 * A, front, z_tc]),
+          rng.uniform(0.1, 0.13) * A, over, 0.8)
+    for _ in range(int(rng.integers(50, 80))):
+        ctr = np.array([bx + rng.uniform(-0.55, 0.55) * A, rng.uniform(yv + 2 * rv, front), rng.uniform(-Z, Z)])
+        d = rng.normal(size=3)
+        half = d / np.linalg.norm(d) * rng.uniform(0.1, 0.3) * A
+        _tube(c, rng, hu, ctr - half, ctr + half, rng.uniform(0.06, 0.1) * A, over, 0.3)
 
 
 def _spine(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float]) -> None:
     """Vertebral bodies (cortical shell, cancellous core) with discs, arch, spinous and transverse processes."""
-    rv, sx, yv = f["rv"], f["sx"], f["yv"]
-    period, z0 = rv * rng.uniform(1.9, 2.2), rng.uniform(0, 3 * rv)
+    rv, sx, yv = f["rv"], f["bx"], f["yv"]
+    period, z0 = rv * rng.uniform(1.5, 1.8), rng.uniform(0, 3 * rv)
 
     def levels(lo: float, hi: float) -> Callable[[np.ndarray], np.ndarray]:
         return lambda dz: (((dz - z0) / period) % 1.0 >= lo) & (((dz - z0) / period) % 1.0 < hi)
@@ -192,67 +352,33 @@ def _spine(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[s
     c.paint("cortical_bone", hu["cortical_bone"], (sx, yv - 1.0 * rv, 0.0), full,
             _box((2.0 * rv, 0.15 * rv), levels(0.45, 0.75)))  # transverse processes
     c.paint("cortical_bone", hu["cortical_bone"], (sx, yv - 2.4 * rv, 0.0), full,
-            _box((0.15 * rv, 0.5 * rv), levels(0.3, 0.9)))  # spinous process
+            _box((0.15 * rv, 0.6 * rv), levels(0.3, 0.9)))  # spinous process
     arch = (sx, yv - 1.5 * rv, 0.0)
     c.paint("cortical_bone", hu["cortical_bone"], arch, full, _ellipsoid((0.62 * rv, 0.62 * rv, np.inf)))
     c.paint("spinal_canal", hu["spinal_canal"], arch, full, _ellipsoid((0.4 * rv, 0.4 * rv, np.inf)))
 
 
-def _kidney_task(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float],
-                 L: float, H: float) -> None:
-    _bowel(c, rng, f, L, H, (-0.5, 0.1))
-    liver = (rng.uniform(0.34, 0.42) * L, rng.uniform(0.34, 0.42) * L, rng.uniform(0.45, 0.55) * H)
-    c.paint("liver", hu["liver"], (f["bx"] + 0.35 * L, f["by"] + 0.1 * L, rng.uniform(0.25, 0.33) * H),
-            tuple(1.2 * r for r in liver), _ellipsoid(liver, wobble=_wobble(rng, 0.15)),
-            over=("visceral_fat", "bowel"))
-    _paraspinals(c, rng, hu, f, H)
-    for side in (-1, 1):
-        size = rng.uniform(1.0, 1.3) * rng.uniform(0.9, 1.1, 3)  # enlarged, and unequal
-        radii = np.array([0.19 * L, 0.25 * L, 0.5 * H]) * size
-        ctr = np.array([f["bx"] + side * rng.uniform(0.43, 0.47) * L, f["yv"] + rng.uniform(0.04, 0.1) * L,
-                        rng.uniform(-0.1, 0.1) * H])
-        angle = side * np.deg2rad(rng.uniform(15, 35))
-        c.paint("kidney", hu["kidney"], ctr, 1.3 * radii, _ellipsoid(radii, angle, _wobble(rng, 0.25)),
-                over=("visceral_fat", "bowel", "liver"))
-        # Cyst centres: uniform in the kidney's unit ball, mapped through its rotation; radii log-uniform.
-        n = int(rng.integers(30, 81))
-        unit = rng.normal(size=(n, 3))
-        unit *= (rng.uniform(0, 1, n) ** (1 / 3) * 0.85 / np.linalg.norm(unit, axis=1))[:, None]
-        p = unit * radii
-        ca, sa = np.cos(angle), np.sin(angle)
-        offsets = np.stack([ca * p[:, 0] - sa * p[:, 1], sa * p[:, 0] + ca * p[:, 1], p[:, 2]], axis=1)
-        cyst_r = np.exp(rng.uniform(np.log(0.08), np.log(0.6), n)) * radii[0]
-        for off, r in zip(offsets, cyst_r):
-            c.paint("cyst", rng.uniform(*HU_RANGES["cyst"]), ctr + off, (r,) * 3, _ellipsoid((r, r, r)),
-                    over=("kidney", "cyst", "visceral_fat", "bowel"))
+_GROUP = np.full(len(TISSUES), 255, np.uint8)
+for _g, _names in enumerate(PLANES):
+    _GROUP[[TISSUES[n] for n in _names]] = _g
 
 
-def _psoas_task(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], f: dict[str, float],
-                L: float, H: float) -> None:
-    _bowel(c, rng, f, L, H, (-0.5, 0.5))
-    _paraspinals(c, rng, hu, f, H)
-    rv, sx, yv = f["rv"], f["sx"], f["yv"]
-    psoas_hu = hu["paraspinal"] + rng.uniform(-PSOAS_CONTRAST, PSOAS_CONTRAST)
-    zc, zh = rng.uniform(-0.05, 0.05) * H, rng.uniform(0.75, 0.85) * H
-    sheath = 0.3 * rv  # the fat plane that separates psoas from its neighbours
-    for side in (-1, 1):
-        r_top, r_bot = rng.uniform(0.45, 0.55) * rv, rng.uniform(1.2, 1.4) * rv
-        drift, y0, wob = rng.uniform(0.2, 0.45) * rv, rng.uniform(-0.1, 0.1) * rv, _wobble(rng, 0.08)
+def _fat_planes(c: _Canvas, hu: float) -> None:
+    """Where organs touch, turn the weaker one's voxels within two pixels (or one slice) into fat."""
+    g = _GROUP[c.tissue]
+    near = np.minimum(ndimage.minimum_filter(g, size=(5, 5, 1)), ndimage.minimum_filter(g, size=(3, 3, 3)))
+    plane = (g < 255) & (near < g)
+    c.tissue[plane], c.hu[plane] = TISSUES["visceral_fat"], hu
 
-        def shape(extra: float, r_top=r_top, r_bot=r_bot, drift=drift, y0=y0, wob=wob, side=side) -> Inside:
-            def inside(dx: np.ndarray, dy: np.ndarray, dz: np.ndarray) -> np.ndarray:
-                t = np.clip((zh - dz) / (2 * zh), 0, 1)  # 0 cranial tip, 1 caudal end: widening caudally
-                cap = np.sqrt(np.clip(1 - (dz / zh) ** 8, 0, None))
-                r = (r_top + (r_bot - r_top) * t) * cap
-                xc = side * (1.05 * rv + sheath + 0.9 * r_bot * t + 0.9 * r_top * (1 - t) + drift * t)
-                re = np.maximum(r + extra * (cap > 0), 1e-6)
-                u, v = (dx - xc) / re, (dy - y0 - 0.25 * rv * t) / (0.85 * re)
-                return u * u + v * v < 1 + wob(u, v, dz / zh)
-            return inside
-        reach = (5.5 * rv, 3 * rv, zh * 1.05)
-        c.paint("visceral_fat", hu["visceral_fat"], (sx, yv, zc), reach, shape(sheath),
-                over=("visceral_fat", "bowel", "paraspinal", "muscle"))
-        c.paint("psoas", psoas_hu, (sx, yv, zc), reach, shape(0.0), over=("visceral_fat",))
+
+def _noise_gain(blur: Sequence[float]) -> float:
+    """By how much a Gaussian blur (scipy's kernel, truncated at 4 sigma) shrinks white noise."""
+    gain = 1.0
+    for s in blur:
+        x = np.arange(-int(4 * s + 0.5), int(4 * s + 0.5) + 1)
+        w = np.exp(-0.5 * (x / s) ** 2)
+        gain *= float(np.sqrt(((w / w.sum()) ** 2).sum()))
+    return gain
 
 
 def _sample_grid(rng: np.random.Generator, shape: Sequence[int]) -> tuple[tuple[int, ...], np.ndarray]:
@@ -267,29 +393,43 @@ def render_case(task: str, seed: int, shape: Sequence[int] = DEFAULT_SHAPE) -> P
         raise ValueError(f"unknown phantom task {task!r}; choose one of {', '.join(TASKS)}")
     rng = np.random.default_rng([seed, 1 + TASKS.index(task)])
     size, spacing = _sample_grid(rng, shape)
-    # Anatomy scale: half the smallest field of view the sampling can produce, so organs stay inside.
-    L = 0.98 * 0.5 * SHAPE_JITTER[0] * INPLANE_SPACING[0] * min(shape[0], shape[1])
-    H = 0.98 * 0.5 * SHAPE_JITTER[0] * SLICE_SPACING[0] * shape[2]
-    axes = [((np.arange(n) - (n - 1) / 2) * s).astype(np.float32) for n, s in zip(size, spacing)]
-    canvas = _Canvas(axes)
+    world = [((np.arange(n) - (n - 1) / 2) * s).astype(np.float32) for n, s in zip(size, spacing)]
+    # Framing: the body's half-width A fills the field of view; the slices span 2 Z of anatomy.
+    A = rng.uniform(*BODY_WIDTH) * float(world[0][-1])
+    B = min(A * rng.uniform(0.68, 0.78), 0.9 * float(world[1][-1]))
+    Z = rng.uniform(1.0, 1.2) * A
+    canvas = _Canvas([world[0], world[1], world[2] * np.float32(Z / world[2][-1])])
     hu = {name: rng.uniform(lo, hi) for name, (lo, hi) in HU_RANGES.items()}
-    frame = _body(canvas, rng, hu, L, H)
-    (_kidney_task if task == "kidney" else _psoas_task)(canvas, rng, hu, frame, L, H)
-    _spine(canvas, rng, hu, frame)
+    if task == "kidney":
+        hu.update({name: rng.uniform(lo, hi) for name, (lo, hi) in ENHANCED.items()})
+    # Kidney centre level: mid-volume for the kidney task, high for the psoas task (kidneys to pelvis).
+    o = rng.uniform(-0.05, 0.1) * Z if task == "kidney" else rng.uniform(0.42, 0.5) * Z
+    f = _body(canvas, rng, hu, A, B, Z)
+    top = o + rng.uniform(0.2, 0.35) * A  # the psoas' cranial tip, near the upper kidney poles
+    _psoas(canvas, rng, hu["paraspinal"] + rng.uniform(-PSOAS_CONTRAST, PSOAS_CONTRAST), f, top)
+    _back(canvas, rng, hu, f, top)
+    _solid_organs(canvas, rng, hu, f, o, int(rng.integers(2, 8)) if task == "kidney" else 0)
+    _vessels(canvas, hu, f, o)
+    _kidneys(canvas, rng, hu, f, o, polycystic=task == "kidney")
+    _bowel(canvas, rng, hu, f, o)
+    _spine(canvas, rng, hu, f)
+    _fat_planes(canvas, hu["visceral_fat"])
 
     # Partial volume, in voxels: a wider in-plane point spread; through-plane, about one slice profile.
-    blur = (*(rng.uniform(0.5, 1.0),) * 2, rng.uniform(0.5, 0.7))
-    image = ndimage.gaussian_filter(canvas.hu, blur, mode="nearest")
-    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(10, 20))
+    # Noise passes through the same reconstruction kernel, which gives it CT's blotchy texture.
+    blur = (*(rng.uniform(0.5, 0.9),) * 2, rng.uniform(0.4, 0.6))
+    noise = rng.standard_normal(canvas.hu.shape, dtype=np.float32)
+    noise *= np.float32(rng.uniform(8, 18) / _noise_gain(blur))
+    image = ndimage.gaussian_filter(canvas.hu + noise, blur, mode="nearest")
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
     tissue = canvas.tissue
     label = np.isin(tissue, [TISSUES[t] for t in LABELS[task]]).astype(np.uint8)
 
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [a[0] for a in axes]
+    affine[:3, 3] = [a[0] for a in world]
     if rng.uniform() < 0.5:  # LPS storage: same world anatomy, x and y reversed in the array
         affine[:2, :2] *= -1
-        affine[:2, 3] = [axes[0][-1], axes[1][-1]]
+        affine[:2, 3] = [world[0][-1], world[1][-1]]
         image, label, tissue = (np.ascontiguousarray(a[::-1, ::-1]) for a in (image, label, tissue))
     return Phantom(image, label, affine, tissue)
 
@@ -379,8 +519,8 @@ def write_msd_dataset(out: str | os.PathLike, task: str, cases: int, seed: int,
             training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
         meta = {
             "name": f"Phantom{task.capitalize()}",
-            "description": ("synthetic CT-like abdomen: polycystic kidneys" if task == "kidney" else
-                            "synthetic CT-like abdomen: psoas muscles next to iso-dense paraspinal muscles"),
+            "description": ("synthetic contrast-enhanced CT-like abdomen: polycystic kidneys" if task == "kidney"
+                            else "synthetic unenhanced CT-like abdomen: psoas muscles among iso-dense muscles"),
             "reference": "generated by data_tools phantoms", "licence": "Apache-2.0",
             "release": str(GENERATOR_VERSION), "tensorImageSize": "3D", "modality": {"0": "CT"},
             "labels": {"0": "background", "1": task}, "numTraining": cases, "training": training,
@@ -396,6 +536,51 @@ def write_msd_dataset(out: str | os.PathLike, task: str, cases: int, seed: int,
     return out
 
 
+PREVIEW_WINDOW = (-160, 240)  # abdominal soft-tissue window (level 40, width 400), HU
+
+
+def preview_png(out_dir: str | os.PathLike, png_path: str | os.PathLike | None = None, cases: int = 3) -> Path:
+    """Montage of the first ``cases`` cases of an MSD folder: a look before training on it.
+
+    Each row shows axial slices from cranial to caudal and a coronal slice through the label, in
+    radiological view (patient's right on the left, anterior up), with label contours in red.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    png = Path(png_path) if png_path is not None else out / "preview.png"
+    try:
+        entries = json.loads((out / "dataset.json").read_text())["training"][:cases]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(out / "dataset.json", f"cannot list cases for a preview ({e})") from None
+    fig = Figure(figsize=(15, 3 * len(entries)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(entries), 5, squeeze=False)
+    for row, entry in zip(axes, entries):
+        image, label = (nib.as_closest_canonical(nib.load(out / entry[k])) for k in ("image", "label"))
+        img, lab = np.asarray(image.dataobj, np.float32), np.asarray(label.dataobj)
+        sx, _, sz = image.header.get_zooms()[:3]
+        n = img.shape[2]
+        views = [(img[:, :, k], lab[:, :, k], 1.0, f"axial {k}/{n}")
+                 for k in np.linspace(0.9 * (n - 1), 0.1 * (n - 1), 4).round().astype(int)]
+        j = int(np.argwhere(lab).mean(axis=0)[1]) if lab.any() else img.shape[1] // 2
+        views.append((img[:, j, :], lab[:, j, :], float(sz / sx), f"coronal {j}"))
+        for ax, (sl, ls, aspect, title) in zip(row, views):
+            ax.imshow(sl.T[::-1, ::-1], cmap="gray", vmin=PREVIEW_WINDOW[0], vmax=PREVIEW_WINDOW[1],
+                      aspect=aspect, interpolation="nearest")
+            if ls.any():
+                ax.contour(ls.T[::-1, ::-1], [0.5], colors="red", linewidths=0.8)
+            ax.set_title(f"{Path(entry['image']).name.split('.')[0]} {title}", fontsize=8)
+            ax.set_axis_off()
+    fig.suptitle(f"window {PREVIEW_WINDOW[0]}..{PREVIEW_WINDOW[1]} HU; label in red", fontsize=9)
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, png)
+    return png
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``phantoms`` subcommand to a ``data_tools`` parser."""
     p = subparsers.add_parser("phantoms", help="write seeded CT-like phantoms in the MSD layout",
@@ -406,6 +591,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; case i uses a seed derived from (seed, i)")
     p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"),
                    help="nominal volume size; each case varies it by up to 10%% (default 128 128 64)")
+    p.add_argument("--preview", action="store_true", help="also write OUT/preview.png, a montage of the first cases")
     p.set_defaults(func=run)
     return p
 
@@ -416,8 +602,10 @@ def run(args: argparse.Namespace) -> int:
     if already_generated(args.out, args.task, args.cases, args.seed, args.shape):
         print(f"{args.out}: already holds these {args.cases} {args.task} phantoms "
               f"(seed {args.seed}); nothing to do")
-        return 0
-    start = time.perf_counter()
-    write_msd_dataset(args.out, args.task, args.cases, args.seed, args.shape)
-    print(f"{args.out}: wrote {args.cases} {args.task} phantoms in {time.perf_counter() - start:.1f} s")
+    else:
+        start = time.perf_counter()
+        write_msd_dataset(args.out, args.task, args.cases, args.seed, args.shape)
+        print(f"{args.out}: wrote {args.cases} {args.task} phantoms in {time.perf_counter() - start:.1f} s")
+    if getattr(args, "preview", False):
+        print(f"{preview_png(args.out)}: preview of the first cases")
     return 0
