@@ -270,7 +270,7 @@ def preprocess_arrays(case_id: str, image: np.ndarray, label: np.ndarray, affine
     original_spacing = geo.voxel_spacing(ras_affine)
     spacing = tuple(float(s) for s in opts.target_spacing)
     ras_image = geo.resample(ras_image, original_spacing, spacing, order=1)
-    ras_label = geo.resample(ras_label, original_spacing, spacing, order=0)
+    ras_label = geo.resample_labels(ras_label, original_spacing, spacing)
 
     body = geo.largest_component(ras_image > _body_threshold(ras_image, opts.modality))
     margin = [math.ceil(opts.crop_margin_mm / s) for s in spacing]

@@ -7,6 +7,7 @@ last), seeded by (seed, data-parallel rank, epoch, index); middle stages draw no
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -126,9 +127,10 @@ def train(argv: list[str] | None = None):
     sched = ds_cfg.get("scheduler", {}).get("params", {})
     if "total_num_steps" in sched:  # cosine/decay schedules end with the run, however long it is
         sched["total_num_steps"] = cfg.train.steps
-    ds_cfg.setdefault("csv_monitor", {}).update(output_path=str(run / "monitor"), job_name="train")
-    if "tensorboard" in ds_cfg:
-        ds_cfg["tensorboard"].update(output_path=str(run / "monitor"), job_name="train")
+    monitor = {"output_path": str(run / "monitor"), "job_name": "train"}
+    ds_cfg.setdefault("csv_monitor", {"enabled": True}).update(monitor)
+    if "tensorboard" in ds_cfg or importlib.util.find_spec("tensorboard") is not None:
+        ds_cfg.setdefault("tensorboard", {"enabled": True}).update(monitor)
 
     stage, dp_rank = topo.stage_of(rank), topo.dp_rank_of(rank)
     defs = build_layers(cfg.model.name, model_cfg)

@@ -289,11 +289,14 @@ def test_real_ct_volumes_match_a_direct_count(real_case):
     rec = preprocess_case(spec, lm, o, seed=0)
     assert rec.geometry.original_axcodes == "RAS" and rec.geometry.spacing == (1.5, 1.5, 1.5)
     np.testing.assert_allclose(geo.voxel_spacing(rec.geometry.affine), 1.5)
-    # 3 mm -> 1.5 mm is an exact 2x nearest-neighbour upsampling: volumes are kept, and the way
-    # back onto the original grid reproduces the mapped source label voxel for voxel.
+    # 3 mm -> 1.5 mm resamples each class's mask trilinearly (corners round off a little): volumes
+    # stay within a few percent, and the way back onto the original grid keeps Dice >= 0.95.
     shard_stats = case_statistics(rec.label, rec.geometry.affine, lm.names)
-    assert shard_stats["volume_ml"] == pytest.approx(stats["volume_ml"])
-    assert np.array_equal(geo.to_original_grid(rec.label, rec.geometry), label)
+    assert shard_stats["volume_ml"] == pytest.approx(stats["volume_ml"], rel=0.05)
+    back = geo.to_original_grid(rec.label, rec.geometry)
+    for value in (1, 2):
+        both = np.logical_and(back == value, label == value).sum()
+        assert 2 * both / ((back == value).sum() + (label == value).sum()) >= 0.95
     # The crop box lies inside the resampled grid (the volumes above show it kept every label).
     g = rec.geometry
     assert rec.image.shape == tuple(b - a for a, b in zip(g.crop_start, g.crop_stop))
