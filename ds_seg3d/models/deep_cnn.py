@@ -7,18 +7,13 @@ depth and width stay those of the reference network class (25 conv layers, 32 ch
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from ds_seg3d.models.blocks import ConvNormAct3d, UpConvNormAct3d
-from ds_seg3d.models.layers import LayerDef
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+from ds_seg3d.models.layers import LayerDef, is_positive_int
 
 
 @dataclass
@@ -42,18 +37,18 @@ class DeepCNNConfig:
         """Raise ValueError naming the first bad field."""
         for field_name in ("in_channels", "width", "downsample"):
             value = getattr(self, field_name)
-            if not _is_positive_int(value):
+            if not is_positive_int(value):
                 raise ValueError(f"DeepCNNConfig.{field_name} must be a positive integer, got {value!r}")
-        if not _is_positive_int(self.num_classes) or self.num_classes < 2:
+        if not is_positive_int(self.num_classes) or self.num_classes < 2:
             raise ValueError(
                 f"DeepCNNConfig.num_classes must be >= 2 (background + foreground), got {self.num_classes!r}"
             )
-        if not _is_positive_int(self.depth) or self.depth < 3:
+        if not is_positive_int(self.depth) or self.depth < 3:
             raise ValueError(
                 f"DeepCNNConfig.depth must be >= 3 (stem, upsampling conv and head), got {self.depth!r}"
             )
         dilations = tuple(self.dilations) if isinstance(self.dilations, (tuple, list)) else ()
-        if not dilations or not all(_is_positive_int(d) for d in dilations):
+        if not dilations or not all(is_positive_int(d) for d in dilations):
             raise ValueError(
                 f"DeepCNNConfig.dilations must be a non-empty sequence of positive integers, got {self.dilations!r}"
             )
@@ -100,7 +95,7 @@ def check_patch(cfg: DeepCNNConfig, patch: Sequence[int]) -> None:
     """Raise ValueError unless the upsampled output has exactly the patch's size."""
     cfg.validate()
     patch = tuple(patch)
-    if len(patch) != 3 or not all(_is_positive_int(n) for n in patch):
+    if len(patch) != 3 or not all(is_positive_int(n) for n in patch):
         raise ValueError(f"patch must be three positive integers (X, Y, Z), got {patch!r}")
     patch = tuple(int(n) for n in patch)
     s = cfg.downsample

@@ -8,6 +8,8 @@ Every layer takes and returns an :data:`Activation`: a float Tensor or a tuple o
 """
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -77,3 +79,8 @@ def as_tuple(x: Activation) -> tuple[Tensor, ...]:
     if isinstance(x, tuple) and all(isinstance(t, Tensor) for t in x):
         return x
     raise TypeError(f"expected a Tensor or a tuple of Tensors, got {type(x).__name__}")
+
+
+def is_positive_int(value: object) -> bool:
+    """A whole number >= 1 that is not a bool (config validation of sizes and counts)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1

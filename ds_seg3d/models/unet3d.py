@@ -11,7 +11,6 @@ image itself never travels past ``enc0`` (only graph-produced float tensors cros
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,11 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ds_seg3d.models.blocks import ConvStack3d
-from ds_seg3d.models.layers import Activation, LayerDef, as_tuple
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, is_positive_int
 
 
 @dataclass
@@ -47,9 +42,9 @@ class UNet3DConfig:
         """Raise ValueError naming the first bad field."""
         for field_name in ("in_channels", "levels", "base_width", "max_width", "convs_per_level"):
             value = getattr(self, field_name)
-            if not _is_positive_int(value):
+            if not is_positive_int(value):
                 raise ValueError(f"UNet3DConfig.{field_name} must be a positive integer, got {value!r}")
-        if not _is_positive_int(self.num_classes) or self.num_classes < 2:
+        if not is_positive_int(self.num_classes) or self.num_classes < 2:
             raise ValueError(
                 f"UNet3DConfig.num_classes must be >= 2 (background + foreground), got {self.num_classes!r}"
             )
@@ -133,7 +128,7 @@ def check_patch(cfg: UNet3DConfig, patch: Sequence[int]) -> None:
     """Raise ValueError unless every level halves the patch exactly and the bottleneck can be normed."""
     cfg.validate()
     patch = tuple(patch)
-    if len(patch) != 3 or not all(_is_positive_int(n) for n in patch):
+    if len(patch) != 3 or not all(is_positive_int(n) for n in patch):
         raise ValueError(f"patch must be three positive integers (X, Y, Z), got {patch!r}")
     patch = tuple(int(n) for n in patch)
     factor = 2 ** (cfg.levels - 1)
