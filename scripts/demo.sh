@@ -13,7 +13,7 @@ echo "== 1. phantoms (polycystic kidneys, $CASES cases)"
 [ -f "$OUT/phantoms/dataset.json" ] || python -m data_tools phantoms "$OUT/phantoms" --task kidney --cases "$CASES" --seed 0
 
 echo "== 2. HDF5 shards"
-python -m data_tools build-shards "$OUT/phantoms" "$OUT/shards" --spacing 1.6 1.6 3.2 --seed 0
+python -m data_tools build-shards "$OUT/phantoms" "$OUT/shards" --spacing 1.2 1.2 3.0 --seed 0
 python -m data_tools inspect "$OUT/shards"
 
 echo "== 3. training: 2 pipeline stages on 2 CPU ranks (deepspeed launcher, gloo)"

@@ -9,7 +9,6 @@ Every layer takes and returns an :data:`Activation`: a float Tensor or a tuple o
 from __future__ import annotations
 
 import numbers
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
