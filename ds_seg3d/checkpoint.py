@@ -93,3 +93,41 @@ def write_latest(run: str | Path, tag: str) -> None:
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(tag)
     tmp.replace(root / LATEST)
+
+
+DISCRIMINATOR = "discriminator"
+
+
+def discriminator_file(run: str | Path, tag: str) -> Path:
+    """The discriminator's state for a segmenter tag, kept apart from the segmenter's checkpoints."""
+    return Path(run) / DISCRIMINATOR / f"{tag}.pt"
+
+
+def save_discriminator(engine, run: str | Path, tag: str) -> None:
+    """Module, optimizer and scheduler state of the discriminator engine (temp name, then rename).
+
+    The discriminator runs ZeRO-0, so every replica holds the whole state and one writer suffices.
+    DeepSpeed's own ``save_checkpoint`` is not used: it holds whole-world barriers that ranks
+    without a discriminator would have to mirror.
+    """
+    path = discriminator_file(run, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
+             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+             "global_steps": engine.global_steps, "global_samples": engine.global_samples}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_discriminator(engine, run: str | Path, tag: str) -> None:
+    path = discriminator_file(run, tag)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the checkpoint {tag} has no discriminator state")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    engine.module.load_state_dict(state["module"])
+    engine.optimizer.load_state_dict(state["optimizer"])
+    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]

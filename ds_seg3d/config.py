@@ -113,6 +113,31 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class AdversarialConfig:
+    enabled: bool = False
+    """Train a discriminator (its own DeepSpeed engine on the last-stage ranks) against the segmenter."""
+    weight: float = 0.05
+    """lambda: weight of the non-saturating adversarial term in the segmenter's loss."""
+    warmup_steps: int = 50
+    """Segmentation-only steps before the adversarial term is switched on (the discriminator trains
+    from the start)."""
+    width: int = 16
+    """Channels of the discriminator's first block (doubling per block)."""
+    depth: int = 4
+    """Strided conv blocks of the discriminator."""
+    patch_wise: bool = True
+    """Patch-wise real/fake logits (PatchGAN) instead of one global logit per patch."""
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"adversarial.weight must be >= 0, got {self.weight}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"adversarial.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.width < 1 or self.depth < 1:
+            raise ValueError("adversarial.width and adversarial.depth must be >= 1")
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     """Where the patches come from."""
@@ -120,11 +145,14 @@ class ExperimentConfig:
     """Which network, and its size."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     """Schedule, pipeline layout, loss, validation and checkpoints."""
+    adversarial: AdversarialConfig = dataclasses.field(default_factory=AdversarialConfig)
+    """Adversarial training (off by default)."""
 
     def validate(self) -> "ExperimentConfig":
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        self.adversarial.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:

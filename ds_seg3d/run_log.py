@@ -45,7 +45,9 @@ def plot_training_curve(run: str | Path, out_name: str = "training_curve.png") -
                 val.setdefault(name, {})[r["step"]] = d
     if not train:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    adversarial = {r["step"]: r for r in records if r["kind"] == "train" and "d_loss" in r}
+    fig, axes = plt.subplots(1, 3 if adversarial else 2, figsize=(15 if adversarial else 10, 4))
+    ax1, ax2 = axes[0], axes[1]
     steps = sorted(train)
     ax1.plot(steps, [train[s] for s in steps])
     ax1.set_xlabel("step")
@@ -59,6 +61,15 @@ def plot_training_curve(run: str | Path, out_name: str = "training_curve.png") -
     ax2.set_ylim(0, 1)
     if val:
         ax2.legend()
+    if adversarial:
+        ax3, s = axes[2], sorted(adversarial)
+        for key, label in (("d_loss", "discriminator loss"), ("adv_term", "adversarial term (generator)"),
+                           ("d_acc_real", "discriminator accuracy, real"),
+                           ("d_acc_fake", "discriminator accuracy, fake")):
+            ax3.plot(s, [adversarial[k][key] for k in s], label=label)
+        ax3.set_xlabel("step")
+        ax3.set_title("adversarial training")
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     out = Path(run) / out_name
     fig.savefig(out, dpi=100)

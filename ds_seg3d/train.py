@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ds_seg3d import checkpoint as ckpt
+from ds_seg3d.adversarial import AdversarialTraining, with_images_for_last_stage
 from ds_seg3d.config import ExperimentConfig, load_config
 from ds_seg3d.data.augment import AugmentConfig
 from ds_seg3d.data.reader import ShardReader
@@ -32,7 +33,9 @@ from ds_seg3d.parallel.topology import Topology
 from ds_seg3d.run_log import MetricsLog, plot_training_curve
 from ds_seg3d.validate import validate
 
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "pipeline_zero1_cpu_fp32.json"
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+DEFAULT_DS_CONFIG = DS_CONFIGS / "pipeline_zero1_cpu_fp32.json"
+DEFAULT_D_CONFIG = DS_CONFIGS / "discriminator_cpu_fp32.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")
     p.add_argument("--grad-accum", type=int, help="overrides gradient_accumulation_steps (micro-batches per step)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--adversarial", action="store_true", help="train a discriminator against the segmenter")
+    p.add_argument("--discriminator_config", "--discriminator-config", dest="discriminator_config",
+                   default=str(DEFAULT_D_CONFIG), help="the discriminator engine's own DeepSpeed JSON")
+    p.add_argument("--adversarial_weight", "--adversarial-weight", dest="adversarial_weight", type=float,
+                   help="lambda of the adversarial term (overrides adversarial.weight)")
+    p.add_argument("--discriminator-device", help="device of the discriminator (e.g. cuda:1; default: the rank's)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any experiment field, e.g. --set model.params.base_width=8")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
@@ -59,6 +68,10 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"train.stages={args.stages}")
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
+    if args.adversarial:
+        overrides.append("adversarial.enabled=true")
+    if args.adversarial_weight is not None:
+        overrides.append(f"adversarial.weight={args.adversarial_weight}")
     return load_config(args.config, overrides)
 
 
@@ -80,11 +93,13 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def save(engine, run: Path, step: int, sampler: PatchSampler) -> None:
+def save(engine, run: Path, step: int, sampler: PatchSampler, adv: AdversarialTraining | None) -> None:
     """Save on every rank; ``latest`` is written only after every rank has finished its files."""
     tag = ckpt.step_tag(step)
     state = {"step": step, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, client_state=state, save_latest=False)
+    if adv is not None:
+        adv.save(run, tag)
     dist.barrier()
     if dist.get_rank() == 0:
         ckpt.write_latest(run, tag)
@@ -96,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(argv: list[str] | None = None):
-    """Run the training job; returns (exit code, engine or None) so that checks can inspect the engine."""
+    """Run the training job; returns (exit code, segmenter engine, AdversarialTraining or None), the
+    engines being None when the job stopped before building them (so that checks can inspect them)."""
     args = parse_args(argv)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -109,6 +125,7 @@ def train(argv: list[str] | None = None):
             check_ds_config(file_cfg, topo, pipeline=True)  # a train_batch_size in the file must agree
         ds_cfg = fill_batch_fields(file_cfg, topo)
         check_ds_config(ds_cfg, topo, pipeline=True)
+        d_cfg = load_ds_config(args.discriminator_config) if cfg.adversarial.enabled else None
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
         check_patch(model_cfg, cfg.data.patch)
         train_cases = reader.case_ids(cfg.data.train_split)
@@ -117,12 +134,12 @@ def train(argv: list[str] | None = None):
     except ValueError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return 2, None
+        return 2, None, None
     run = Path(args.out)
     if args.resume and ckpt.latest_tag(run) is None:
         if rank == 0:
             print(f"error: {ckpt.checkpoint_root(run)}: --resume but no complete checkpoint", file=sys.stderr)
-        return 2, None
+        return 2, None, None
     run.mkdir(parents=True, exist_ok=True)
     sched = ds_cfg.get("scheduler", {}).get("params", {})
     if "total_num_steps" in sched:  # cosine/decay schedules end with the run, however long it is
@@ -134,12 +151,16 @@ def train(argv: list[str] | None = None):
 
     stage, dp_rank = topo.stage_of(rank), topo.dp_rank_of(rank)
     defs = build_layers(cfg.model.name, model_cfg)
-    module = build_pipeline(defs, topo, DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight),
+    seg_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+    adv = AdversarialTraining(seg_loss, len(reader.labels), cfg.adversarial) if cfg.adversarial.enabled else None
+    module = build_pipeline(defs, topo, adv.loss if adv else seg_loss,
                             partition_method=cfg.train.partition,
                             sample_shape=(topo.micro_batch, 1, *cfg.data.patch),
                             activation_checkpoint_interval=cfg.train.activation_checkpoint_interval,
                             seed=cfg.train.seed)
     engine = initialize_pipeline(module, ds_cfg)
+    if adv is not None:
+        adv.attach(d_cfg, topo, rank, seed=cfg.train.seed, device=args.discriminator_device)
 
     sampler = PatchSampler(reader, train_cases, cfg.data.patch, dp_rank=dp_rank, dp_size=topo.dp,
                            seed=cfg.train.seed, oversample_foreground=cfg.data.oversample_foreground,
@@ -152,9 +173,15 @@ def train(argv: list[str] | None = None):
         start = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if adv is not None:
+            adv.load(run, ckpt.latest_tag(run))
     elif rank == 0:
         (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo), indent=1))
-    data_iter = sampler.batches(topo.micro_batch) if (engine.is_first_stage() or engine.is_last_stage()) else None
+    data_iter = None
+    if engine.is_first_stage() or engine.is_last_stage():
+        data_iter = sampler.batches(topo.micro_batch)
+        if adv is not None:
+            data_iter = with_images_for_last_stage(data_iter)
 
     val_cases = reader.case_ids(cfg.data.val_split) if cfg.data.val_split else []
     if cfg.train.val_max_cases:
@@ -164,12 +191,15 @@ def train(argv: list[str] | None = None):
         print(topo.describe(), flush=True)
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start + 1, cfg.train.steps + 1):
+        if adv is not None:
+            adv.loss.step = step
         loss = float(engine.train_batch(data_iter))
+        adv_metrics = adv.after_batch(step) if adv is not None else {}
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         last = step == cfg.train.steps
         if log and (step % cfg.train.log_every == 0 or last or step == start + 1):
-            log.write("train", step, loss=loss, lr=engine.get_lr()[0])
+            log.write("train", step, loss=loss, lr=engine.get_lr()[0], **adv_metrics)
         if val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
             dice = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp, roi=cfg.data.patch,
                             micro_batch=topo.micro_batch, overlap=cfg.train.val_overlap)
@@ -177,13 +207,13 @@ def train(argv: list[str] | None = None):
                 log.write("val", step, dice=dice)
                 bar.write(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-            save(engine, run, step, sampler)
+            save(engine, run, step, sampler, adv)
     bar.close()
     if rank == 0:
         curve = plot_training_curve(run)
         print(f"run folder: {run} (checkpoint {ckpt.latest_tag(run)}, curve {curve})", flush=True)
     dist.barrier()
-    return 0, engine
+    return 0, engine, adv
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from torch import nn
 
 from ds_seg3d.models import deep_cnn, unet3d
 from ds_seg3d.models.deep_cnn import DeepCNNConfig, receptive_field
+from ds_seg3d.models.discriminator import Discriminator3D, DiscriminatorConfig
 from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, build_sequential
 from ds_seg3d.models.unet3d import UNet3DConfig
 
@@ -59,6 +60,8 @@ def count_parameters(layers: Iterable[Union[LayerDef, nn.Module]]) -> int:
 __all__ = [
     "Activation",
     "DeepCNNConfig",
+    "Discriminator3D",
+    "DiscriminatorConfig",
     "LayerDef",
     "MODEL_CONFIGS",
     "ModelConfig",

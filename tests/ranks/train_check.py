@@ -19,7 +19,7 @@ def main() -> int:
     argv = sys.argv[1:]
     out = Path(argv[argv.index("--check-out") + 1])
     del argv[argv.index("--check-out"):argv.index("--check-out") + 2]
-    code, engine = train(argv)
+    code, engine, _ = train(argv)
     if engine is None:
         return code
     params = [p.detach().double().flatten() for p in engine.module.parameters()]

@@ -1,0 +1,159 @@
+"""Adversarial training: the discriminator's step and the adversarial term of the segmenter's loss.
+
+The segmenter stays a pipeline; the discriminator is its own DeepSpeed engine on the last-stage ranks.
+On the last stage, the segmenter's ``loss_fn`` adds ``weight x`` a non-saturating GAN term computed
+with the discriminator's parameters frozen for that call (so no generator gradient lands in the
+discriminator's ``.grad``), and stashes detached (image, probabilities, label) of every micro-batch.
+After ``train_batch`` returns, ``discriminator_step`` trains the discriminator once on those pairs:
+real (image, one-hot label) against fake (image, probabilities). Stepping inside ``loss_fn`` would
+change the weights that the segmenter's pending backward passes use.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ds_seg3d import checkpoint as ckpt
+from ds_seg3d.models.discriminator import Discriminator3D, DiscriminatorConfig, one_hot_labels
+from ds_seg3d.parallel.discriminator_engine import build_discriminator_engine
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters left out of any graph built inside the block (restored afterwards)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class AdversarialLoss:
+    """The segmenter's pipeline ``loss_fn(logits, (labels, images))`` in adversarial mode.
+
+    ``discriminator`` is set on the last-stage ranks once the discriminator engine exists; ``step``
+    is set by the training loop before each ``train_batch`` (the term is off during the warm-up).
+    """
+
+    def __init__(self, seg_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
+                 weight: float, warmup_steps: int):
+        self.seg_loss = seg_loss
+        self.num_classes = num_classes
+        self.weight = weight
+        self.warmup_steps = warmup_steps
+        self.discriminator: nn.Module | None = None
+        self.step = 0
+        self.stash: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.adv_terms: list[float] = []
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0 and self.step > self.warmup_steps and self.discriminator is not None
+
+    def __call__(self, logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        labels, images = target
+        loss = self.seg_loss(logits, labels)
+        probs = torch.softmax(logits.float(), dim=1)
+        self.stash.append((images.detach(), probs.detach(), labels.detach()))
+        if self.active:
+            d = self.discriminator
+            device = next(d.parameters()).device
+            with frozen(d):
+                fake = d(images.to(device), probs.to(device))
+            # Non-saturating generator loss: -log D(image, prediction).
+            adv = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)).to(loss.device)
+            self.adv_terms.append(float(adv.detach()))
+            loss = loss + self.weight * adv
+        return loss
+
+    def take_stash(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        stash, self.stash = self.stash, []
+        return stash
+
+
+def discriminator_step(engine, stash: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                       num_classes: int) -> dict[str, float]:
+    """One optimizer step of the discriminator engine over the stashed micro-batches.
+
+    The engine's gradient accumulation equals the segmenter's micro-batches per step, so DeepSpeed's
+    ``step()`` applies the update on the last one. Returns the loss and the accuracies on real and fake.
+    """
+    device = next(engine.module.parameters()).device
+    losses, real_ok, fake_ok, count = 0.0, 0.0, 0.0, 0
+    for images, probs, labels in stash:
+        images, probs = images.to(device), probs.to(device)
+        real_logits = engine(images, one_hot_labels(labels.to(device), num_classes))
+        fake_logits = engine(images, probs)
+        loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                      + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        engine.backward(loss)
+        engine.step()
+        losses += float(loss.detach())
+        real_ok += float((real_logits.detach() > 0).float().mean())
+        fake_ok += float((fake_logits.detach() < 0).float().mean())
+        count += 1
+    count = max(count, 1)
+    return {"d_loss": losses / count, "d_acc_real": real_ok / count, "d_acc_fake": fake_ok / count}
+
+
+def with_images_for_last_stage(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                               ) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """(images, labels) -> (images, (labels, images)): the last stage gets the image from the data
+    iterator, as it gets the labels; nothing but activations travels through the pipe."""
+    for images, labels in batches:
+        yield images, (labels, images)
+
+
+class AdversarialTraining:
+    """Everything adversarial mode adds to the loop: the loss, the discriminator engine, its step,
+    its metrics (all-reduced so that rank 0 can log them) and its checkpoints."""
+
+    METRICS = ("d_loss", "d_acc_real", "d_acc_fake", "adv_term")
+
+    def __init__(self, seg_loss, num_classes: int, cfg):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.loss = AdversarialLoss(seg_loss, num_classes, cfg.weight, cfg.warmup_steps)
+        self.engine = None
+
+    def attach(self, ds_cfg: dict, topology, rank: int, seed: int, device: str | None = None) -> None:
+        """Build the discriminator engine; collective: every rank calls it, last-stage ranks get one."""
+        torch.manual_seed(seed)  # identical initial weights on every replica
+        model = Discriminator3D(DiscriminatorConfig(in_channels=1, num_classes=self.num_classes,
+                                                    width=self.cfg.width, depth=self.cfg.depth,
+                                                    patch_wise=self.cfg.patch_wise))
+        self.engine = build_discriminator_engine(model, ds_cfg, topology, rank, device=device)
+        self.loss.discriminator = self.engine.module if self.engine is not None else None
+
+    def after_batch(self, step: int) -> dict[str, float]:
+        """Step the discriminator on this batch's stash (last stage); metrics averaged over its ranks."""
+        stash = self.loss.take_stash()
+        values = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64)
+        if self.engine is not None:
+            m = discriminator_step(self.engine, stash, self.num_classes)
+            adv = self.loss.adv_terms
+            m["adv_term"] = sum(adv) / len(adv) if adv else 0.0
+            values[:-1] = torch.tensor([m[k] for k in self.METRICS], dtype=torch.float64)
+            values[-1] = 1.0
+        self.loss.adv_terms = []
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        count = max(float(values[-1]), 1.0)
+        return {k: float(values[i] / count) for i, k in enumerate(self.METRICS)}
+
+    def save(self, run, tag: str) -> None:
+        """One writer: the discriminator's first replica (ZeRO-0: every replica holds the whole state)."""
+        if self.engine is not None and dist.get_rank(group=self.engine.data_parallel_group) == 0:
+            ckpt.save_discriminator(self.engine, run, tag)
+
+    def load(self, run, tag: str) -> None:
+        if self.engine is not None:
+            ckpt.load_discriminator(self.engine, run, tag)
