@@ -5,7 +5,7 @@
 set -euo pipefail
 OUT=${1:-demo_out}
 CASES=${DEMO_CASES:-16}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-600}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
