@@ -25,3 +25,15 @@ test: venv
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
+
+# sshd, pdsh and ip for the simulated two-node cluster of the multi-node tests (Debian/Ubuntu).
+# Installs only what is missing, so it costs nothing when run before every `make test`.
+.PHONY: cluster-deps
+cluster-deps:
+	@if [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null && command -v ip >/dev/null; then \
+		echo "cluster-deps: openssh-server, pdsh and iproute2 are installed"; \
+	else \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server pdsh iproute2; \
+	fi

@@ -37,8 +37,12 @@ def planned_calls(shape: Sequence[int], roi: Sequence[int], overlap: float, micr
 
 
 def predict_in_lockstep(engine, volumes: Sequence[Volume], *, dp_rank: int, dp_size: int,
-                        roi: Sequence[int], micro_batch: int, overlap: float, num_classes: int) -> None:
-    """Predict ``volumes[dp_rank::dp_size]`` on this replica; every rank of the job must call this."""
+                        roi: Sequence[int], micro_batch: int, overlap: float, num_classes: int,
+                        on_progress: Callable[[], None] = lambda: None) -> None:
+    """Predict ``volumes[dp_rank::dp_size]`` on this replica; every rank of the job must call this.
+
+    ``on_progress`` is called after every ``eval_batch`` (e.g. to pet a watchdog).
+    """
     calls = [sum(planned_calls(v.shape, roi, overlap, micro_batch) for v in volumes[r::dp_size])
              for r in range(dp_size)]
     first, last = engine.is_first_stage(), engine.is_last_stage()
@@ -54,9 +58,11 @@ def predict_in_lockstep(engine, volumes: Sequence[Volume], *, dp_rank: int, dp_s
             for batch_starts, windows in batches:
                 logits = fwd.forward(windows, len(batch_starts))
                 made += 1
+                on_progress()
                 if last:
                     acc.add(batch_starts, logits)
             if last:
                 vol.done(acc.result())
         for _ in range(max(calls) - made):
             fwd.idle()
+            on_progress()

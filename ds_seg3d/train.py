@@ -27,6 +27,7 @@ from ds_seg3d.data.sampler import PatchSampler
 from ds_seg3d.losses import DiceCELoss
 from ds_seg3d.models import build_layers, check_patch
 from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
+from ds_seg3d.parallel import watchdog
 from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
 from ds_seg3d.parallel.pipeline import build_pipeline
 from ds_seg3d.parallel.topology import Topology
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--discriminator-device", help="device of the discriminator (e.g. cuda:1; default: the rank's)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any experiment field, e.g. --set model.params.base_width=8")
+    p.add_argument("--watchdog-s", type=float, metavar="SECONDS",
+                   help=f"end the job when a rank makes no progress this long (a peer hung or died); "
+                        f"default ${watchdog.ENV} or {watchdog.DEFAULT_BOUND_S:g}; 0 turns it off")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
@@ -124,6 +128,7 @@ def train(argv: list[str] | None = None):
         if args.micro_batch is None and args.grad_accum is None:
             check_ds_config(file_cfg, topo, pipeline=True)  # a train_batch_size in the file must agree
         ds_cfg = fill_batch_fields(file_cfg, topo)
+        bound_s = watchdog.default_bound_s() if args.watchdog_s is None else watchdog.check_bound(args.watchdog_s)
         check_ds_config(ds_cfg, topo, pipeline=True)
         d_cfg = load_ds_config(args.discriminator_config) if cfg.adversarial.enabled else None
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
@@ -189,12 +194,14 @@ def train(argv: list[str] | None = None):
     log = MetricsLog(run) if rank == 0 else None
     if rank == 0:
         print(topo.describe(), flush=True)
+    dog = watchdog.Watchdog(bound_s, rank).start()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start + 1, cfg.train.steps + 1):
         if adv is not None:
             adv.loss.step = step
         loss = float(engine.train_batch(data_iter))
         adv_metrics = adv.after_batch(step) if adv is not None else {}
+        dog.pet()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         last = step == cfg.train.steps
@@ -202,17 +209,20 @@ def train(argv: list[str] | None = None):
             log.write("train", step, loss=loss, lr=engine.get_lr()[0], **adv_metrics)
         if val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
             dice = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp, roi=cfg.data.patch,
-                            micro_batch=topo.micro_batch, overlap=cfg.train.val_overlap)
+                            micro_batch=topo.micro_batch, overlap=cfg.train.val_overlap, on_progress=dog.pet)
+            dog.pet()
             if log:
                 log.write("val", step, dice=dice)
                 bar.write(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             save(engine, run, step, sampler, adv)
+            dog.pet()
     bar.close()
     if rank == 0:
         curve = plot_training_curve(run)
         print(f"run folder: {run} (checkpoint {ckpt.latest_tag(run)}, curve {curve})", flush=True)
     dist.barrier()
+    dog.stop()
     return 0, engine, adv
 
 

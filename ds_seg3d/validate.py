@@ -6,7 +6,7 @@ Dice sums are all-reduced over the world so that every rank returns the same mea
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,8 @@ from ds_seg3d.pipelined_inference import Volume, predict_in_lockstep
 
 
 def validate(engine, reader: ShardReader, cases: Sequence[str], *, dp_rank: int, dp_size: int,
-             roi: Sequence[int], micro_batch: int, overlap: float) -> dict[str, float]:
+             roi: Sequence[int], micro_batch: int, overlap: float,
+             on_progress: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Mean Dice per foreground class over ``cases`` (the same dict on every rank)."""
     labels = reader.labels
     names = [n for n, v in labels.items() if v != 0]
@@ -33,7 +34,8 @@ def validate(engine, reader: ShardReader, cases: Sequence[str], *, dp_rank: int,
         return Volume(reader.shape(case), lambda: torch.from_numpy(reader.read_case(case)[0])[None], score)
 
     predict_in_lockstep(engine, [volume(c) for c in cases], dp_rank=dp_rank, dp_size=dp_size, roi=roi,
-                        micro_batch=micro_batch, overlap=overlap, num_classes=len(labels))
+                        micro_batch=micro_batch, overlap=overlap, num_classes=len(labels),
+                        on_progress=on_progress)
     if dist.is_initialized():
         dist.all_reduce(sums)
     count = max(sums[-1].item(), 1.0)
