@@ -10,7 +10,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def train(argv: list[str] | None = None):
     if "tensorboard" in ds_cfg or importlib.util.find_spec("tensorboard") is not None:
         ds_cfg.setdefault("tensorboard", {"enabled": True}).update(monitor)
 
-    stage, dp_rank = topo.stage_of(rank), topo.dp_rank_of(rank)
+    dp_rank = topo.dp_rank_of(rank)
     defs = build_layers(cfg.model.name, model_cfg)
     seg_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
     adv = AdversarialTraining(seg_loss, len(reader.labels), cfg.adversarial) if cfg.adversarial.enabled else None

@@ -6,7 +6,6 @@ reach every check that happens before the model is built.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,47 @@
+"""Machine description and markdown sections for measured results (benchmarks, experiments).
+
+``replace_section`` rewrites one ``## `` section of a markdown file in place (temp name, then
+rename), so several scripts can each own a section of the same file.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+
+def machine() -> dict:
+    """What the numbers were measured on; the load average says whether others shared the cores."""
+    cpu = platform.processor() or "unknown CPU"
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name")), cpu)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "ram_gib": round(ram, 1),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+            **{p: metadata.version(p) for p in ("torch", "deepspeed")}}
+
+
+def replace_section(path: Path, heading: str, body: str, intro: str = "") -> None:
+    """Replace the lines from ``heading`` to the next ``## `` heading (or the end); append when absent."""
+    lines = (path.read_text() if path.exists() else intro).splitlines()
+    start = next((i for i, l in enumerate(lines) if l.rstrip() == heading), None)
+    new = [heading, "", *body.rstrip("\n").splitlines()]
+    if start is None:
+        lines = [*lines, "", *new] if lines else new
+    else:
+        fence, end = False, len(lines)
+        for j in range(start + 1, len(lines)):
+            fence ^= lines[j].startswith("```")
+            if not fence and lines[j].startswith("## "):
+                end = j
+                break
+        lines = [*lines[:start], *new, *([""] + lines[end:] if end < len(lines) else [])]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(text)
+    os.replace(tmp, path)
