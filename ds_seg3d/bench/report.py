@@ -1,0 +1,190 @@
+"""The sweep's verdicts, markdown tables and charts, computed from the CSV rows alone.
+
+The same functions serve ``ds-seg3d bench memory`` (``memory.md``, ``memory.png``) and
+``benchmarks/bench_memory.py`` (the "## Memory scaling" section of BENCHMARKS.md), so the numbers
+in both always come from one table of measured rows.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+TOLERANCE_PCT = 10.0
+MIN_POINTS = 12
+BALANCE = 1.2
+
+
+def number(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    if value in (None, ""):
+        return None
+    return float(value)
+
+
+def measured_ok(row: dict) -> bool:
+    return str(row.get("status", "")).startswith("ok") and number(row, "measured_peak_bytes") is not None
+
+
+def by_config(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        out[row["config"]].append(row)
+    return dict(out)
+
+
+def _point_peak(rows: list[dict], key: str) -> float | None:
+    values = [number(r, key) for r in rows]
+    return None if any(v is None for v in values) or not values else max(values)
+
+
+def _find(rows: list[dict], **match: Any) -> list[dict]:
+    """Rows of the single configuration whose columns equal ``match`` (as strings)."""
+    found = by_config([r for r in rows if all(str(r.get(k)) == str(v) for k, v in match.items())])
+    return next(iter(found.values())) if len(found) == 1 else []
+
+
+# ---------------------------------------------------------------- targets
+
+
+def accuracy(rows: list[dict]) -> dict[str, Any]:
+    """Prediction within +-10 % of the measured peak on every rank of every measured point."""
+    measured = [r for r in rows if measured_ok(r) and number(r, "predicted_peak_bytes")]
+    configs = by_config(measured)
+    errors = [abs(number(r, "error_pct")) for r in measured]
+    failed = sorted({r["config"] for r in rows if not measured_ok(r)})
+    worst = max(measured, key=lambda r: abs(number(r, "error_pct")), default=None)
+    return {"points": len(configs), "rows": len(measured), "within": sum(e <= TOLERANCE_PCT for e in errors),
+            "max_abs_error_pct": max(errors, default=None), "worst": worst, "failed": failed,
+            "pass": bool(errors) and max(errors) <= TOLERANCE_PCT and len(configs) >= MIN_POINTS}
+
+
+def partition_balance(rows: list[dict], model: str = "unet3d") -> list[dict[str, Any]]:
+    """m = 1: largest stage's measured peak against the unsplit peak / p, memory vs DeepSpeed's default."""
+    common = dict(model=model, micro_batches=1, checkpoint=0, zero=1, precision="fp32", plain=False, group="scaling")
+    unsplit = _find(rows, stages=1, **common)
+    if not unsplit or not all(measured_ok(r) for r in unsplit):
+        return []
+    u = _point_peak(unsplit, "measured_peak_bytes")
+    out = []
+    for p in sorted({int(r["stages"]) for r in rows if r["model"] == model and int(r["stages"]) > 1}):
+        entry: dict[str, Any] = {"model": model, "p": p, "unsplit": u, "limit": BALANCE * u / p}
+        for method in ("memory", "parameters"):
+            pts = _find(rows, stages=p, ranks=p, partition=method, **common)
+            if pts and all(measured_ok(r) for r in pts):
+                entry[method] = {
+                    "largest": _point_peak(pts, "measured_peak_bytes"),
+                    "stages": [number(r, "measured_peak_bytes") for r in sorted(pts, key=lambda r: int(r["rank"]))],
+                    "predicted": [number(r, "predicted_peak_bytes") for r in sorted(pts, key=lambda r: int(r["rank"]))],
+                    "boundaries": pts[0].get("measured_boundaries") or pts[0].get("boundaries"),
+                }
+        if "memory" in entry:
+            entry["pass"] = entry["memory"]["largest"] <= entry["limit"]
+            out.append(entry)
+    return out
+
+
+def largest_patch(rows: list[dict], budget: int) -> list[dict[str, Any]]:
+    """Per p: the planner's largest Z measured under the budget, and the next Z measured over it."""
+    pts = by_config([r for r in rows if r.get("group") == "budget"])
+    per_p: dict[int, list[tuple[int, float | None, float | None]]] = defaultdict(list)
+    for config_rows in pts.values():
+        r0 = config_rows[0]
+        z = int(r0["patch"].split("x")[-1])
+        meas = _point_peak(config_rows, "measured_peak_bytes") if all(measured_ok(r) for r in config_rows) else None
+        per_p[int(r0["stages"])].append((z, _point_peak(config_rows, "predicted_peak_bytes"), meas))
+    out = []
+    for p, entries in sorted(per_p.items()):
+        entries.sort()
+        (z_fit, pred_fit, meas_fit), (z_next, pred_next, meas_next) = entries[0], entries[-1]
+        out.append({"p": p, "z": z_fit, "predicted": pred_fit, "measured": meas_fit, "z_next": z_next,
+                    "predicted_next": pred_next, "measured_next": meas_next,
+                    "pass": meas_fit is not None and meas_next is not None and meas_fit <= budget < meas_next})
+    grows = all(a["z"] < b["z"] for a, b in zip(out, out[1:]))
+    for entry in out:
+        entry["grows"] = grows
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _mib(v: float | None) -> str:
+    return "–" if v is None else f"{v / MIB:,.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def targets_markdown(rows: list[dict], budget: int | None) -> list[str]:
+    acc = accuracy(rows)
+    lines = ["| target | measured | result |", "|---|---|---|"]
+    worst = acc["worst"]
+    where = f" (worst: {worst['config']}, rank {worst['rank']}: {float(worst['error_pct']):+.1f} %)" if worst else ""
+    lines.append(f"| prediction within ±{TOLERANCE_PCT:.0f} % of the measured per-rank peak, >= {MIN_POINTS} points | "
+                 f"{acc['within']} of {acc['rows']} rank peaks on {acc['points']} points; largest error "
+                 f"{acc['max_abs_error_pct'] if acc['max_abs_error_pct'] is not None else float('nan'):.1f} %{where}"
+                 f"{'; failed points: ' + ', '.join(acc['failed']) if acc['failed'] else ''} | {verdict(acc['pass'])} |")
+    for model in ("unet3d", "deep_cnn"):
+        for e in partition_balance(rows, model):
+            default = e.get("parameters")
+            beside = f"; DeepSpeed's default (parameters): {_mib(default['largest'])} MiB" if default else ""
+            lines.append(f"| {model}, p = {e['p']}, m = 1: largest stage <= 1.2 x unsplit / p (memory partition) | "
+                         f"{_mib(e['memory']['largest'])} MiB vs 1.2 x {_mib(e['unsplit'])} / {e['p']} = "
+                         f"{_mib(e['limit'])} MiB{beside} | {verdict(e['pass'])} |")
+    if budget is not None:
+        entries = largest_patch(rows, budget)
+        if entries:
+            text = "; ".join(f"p = {e['p']}: Z = {e['z']} measures {_mib(e['measured'])} MiB, Z = {e['z_next']} "
+                             f"{_mib(e['measured_next'])} MiB" for e in entries)
+            ok = all(e["pass"] for e in entries) and entries[0]["grows"]
+            lines.append(f"| largest trainable patch (deep CNN, 128 x 128 x Z) on {budget / MIB:.0f} MiB grows with p "
+                         f"as predicted "
+                         f"| {text} | {verdict(ok)} |")
+    return lines
+
+
+def rows_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| configuration | rank | stage | in-flight | predicted MiB | measured MiB | error % | peak at | held | "
+             "pipe buffers | working set | states | buckets | profile leftover |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        err = number(r, "error_pct")
+        states = sum(number(r, k) or 0 for k in ("pred_params_bytes", "pred_grads_bytes", "pred_optimizer_bytes"))
+        status = "" if measured_ok(r) else f" ({r['status']})"
+        lines.append(
+            f"| {r['config']}{status} | {r['rank']} | {r['stage']} | {r.get('in_flight', '')} | "
+            f"{_mib(number(r, 'predicted_peak_bytes'))} | {_mib(number(r, 'measured_peak_bytes'))} | "
+            f"{'' if err is None else f'{err:+.1f}'} | {r.get('predicted_phase', '')} | "
+            f"{_mib(number(r, 'pred_held_bytes'))} | {_mib(number(r, 'pred_pipe_buffers_bytes'))} | "
+            f"{_mib(number(r, 'pred_working_bytes'))} | {states / MIB:,.2f} | {_mib(number(r, 'pred_buckets_bytes'))} | "
+            f"{_mib(number(r, 'pred_profile_leftover_bytes'))} |")
+    return lines
+
+
+def methods(rows: list[dict]) -> str:
+    return ", ".join(sorted({r["method"] for r in rows if r.get("method")})) or "none"
+
+
+def write_report(rows: list[dict], out: Path, budget: int | None = None) -> None:
+    """``memory.md`` and ``memory.png`` (plus the partition and budget charts when the sweep has them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# Memory sweep", "", f"Measured with: {methods(rows)} (per rank, one training step after a warm-up step).",
+          "", *targets_markdown(rows, budget), "", *rows_markdown(rows), ""]
+    _atomic_text(out / "memory.md", "\n".join(md))
+    from ds_seg3d.bench import charts
+
+    charts.plot_sweep(rows, out / "memory.png")
+    if partition_balance(rows):
+        charts.plot_partition(rows, out / "memory_partition.png")
+    if budget is not None and largest_patch(rows, budget):
+        charts.plot_budget(rows, budget, out / "memory_budget.png")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,275 @@
+"""``ds-seg3d bench memory``: predict, then measure, each rank's peak over a sweep of configurations.
+
+Every point is predicted by the planner first (``memory_model``), then launched as a real
+multi-rank run with the ``deepspeed`` launcher (``point.py`` on every rank). A point that runs out
+of memory, fails or times out becomes rows with its status and the sweep goes on. The CSV is
+rewritten after every point, so an interrupted sweep keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ds_seg3d.bench.spec import RunSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POINT_SCRIPT = Path(__file__).resolve().with_name("point.py")
+UNET = {"levels": 3, "base_width": 8, "max_width": 32}
+DEEP_CNN = {"depth": 25, "width": 8}
+PATCH = (128, 128, 16)
+BUDGET_MIB = 256
+"""Per-rank budget of the largest-patch check (the sweep's models need 100-400 MiB per rank)."""
+BUDGET_STEP, BUDGET_Z_MAX = 4, 128
+"""Z grid of the largest-patch check: one step changes a rank's peak by 5-15 %, more than the planner's error."""
+COLUMNS = [
+    "config", "group", "rank", "stage", "status", "predicted_peak_bytes", "measured_peak_bytes", "error_pct",
+    "method", "predicted_phase", "model", "params", "patch", "stages", "ranks", "dp", "micro_batches", "in_flight",
+    "checkpoint", "partition", "zero", "precision", "bucket", "plain", "boundaries", "measured_boundaries",
+    "pred_held_bytes", "pred_pipe_buffers_bytes", "pred_working_bytes", "pred_params_bytes", "pred_grads_bytes",
+    "pred_optimizer_bytes", "pred_buckets_bytes", "pred_profile_leftover_bytes", "pred_states_between_steps_bytes",
+    "measured_step_start_bytes", "measured_state_bytes", "rss_peak_minus_init_bytes", "point_seconds", "error",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    spec: RunSpec
+    group: str
+    """What the point demonstrates: "scaling", "schedule", "zero", "precision", "size", "budget"."""
+
+
+def sweep_points(quick: bool) -> list[Point]:
+    """The configurations of the sweep; ``quick`` keeps 15 points, every swept dimension at least once."""
+    u = RunSpec(model="unet3d", params=tuple(UNET.items()), patch=PATCH)
+    d = RunSpec(model="deep_cnn", params=tuple(DEEP_CNN.items()), patch=PATCH)
+    pts = [
+        Point(u, "scaling"),
+        Point(u.with_(stages=2, ranks=2), "scaling"),
+        Point(u.with_(stages=2, ranks=2, partition="parameters"), "scaling"),
+        Point(u.with_(stages=4, ranks=4), "scaling"),
+        Point(u.with_(stages=2, ranks=2, micro_batches=4), "schedule"),
+        Point(u.with_(stages=2, ranks=2, micro_batches=4, checkpoint=1), "schedule"),
+        Point(u.with_(stages=2, ranks=4, micro_batches=2), "zero"),
+        Point(u.with_(stages=2, ranks=2, micro_batches=2, zero=0), "zero"),
+        Point(u.with_(plain=True, ranks=2, micro_batches=2, zero=2), "zero"),
+        Point(u.with_(plain=True, ranks=2, micro_batches=2, zero=3), "zero"),
+        Point(u.with_(stages=2, ranks=2, micro_batches=2, precision="bf16"), "precision"),
+        Point(u.with_(stages=2, ranks=2, micro_batches=2, patch=(128, 128, 32)), "size"),
+        Point(d, "scaling"),
+        Point(d.with_(stages=2, ranks=2), "scaling"),
+        Point(d.with_(params=(("depth", 13), ("width", 12)), stages=2, ranks=2), "size"),
+    ]
+    if not quick:
+        pts += [
+            Point(u.with_(stages=4, ranks=4, partition="parameters"), "scaling"),
+            Point(d.with_(stages=2, ranks=2, partition="parameters"), "scaling"),
+            Point(d.with_(stages=4, ranks=4), "scaling"),
+            Point(d.with_(stages=4, ranks=4, partition="parameters"), "scaling"),
+            Point(u.with_(stages=4, ranks=4, micro_batches=8), "schedule"),
+            Point(u.with_(stages=4, ranks=4, micro_batches=8, checkpoint=2), "schedule"),
+            Point(u.with_(stages=2, ranks=2, micro_batches=2, bucket=None), "zero"),
+        ]
+    return pts
+
+
+def budget_points(model: Any, budget: int, stage_counts: tuple[int, ...] = (1, 2, 4)) -> list[Point]:
+    """For each p (m = 1, memory partition): the largest patch Z the planner says fits ``budget``,
+    and the next Z up, on a grid of ``BUDGET_STEP`` (the deep CNN: 25 layers to split)."""
+    base = RunSpec(model="deep_cnn", params=tuple(DEEP_CNN.items()), patch=PATCH)
+    pts = []
+    for p in stage_counts:
+        spec = base.with_(stages=p, ranks=p)
+        z = model.largest_z(spec, budget, z_max=BUDGET_Z_MAX, step=BUDGET_STEP)
+        if z is None:
+            continue
+        pts += [Point(spec.with_(patch=(*PATCH[:2], z)), "budget"),
+                Point(spec.with_(patch=(*PATCH[:2], z + BUDGET_STEP)), "budget")]
+    return pts
+
+
+# ---------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_launcher() -> str:
+    beside = Path(sys.executable).with_name("deepspeed")
+    found = str(beside) if beside.exists() else shutil.which("deepspeed")
+    if found is None:
+        raise FileNotFoundError("the deepspeed launcher is neither next to python nor on PATH")
+    return found
+
+
+def launch(spec: RunSpec, folder: Path, timeout: float) -> tuple[str, list[dict[str, Any]]]:
+    """Run one point on ``spec.ranks`` ranks; (launch status, the rank records that were written)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    cmd = [deepspeed_launcher(), "--num_gpus", str(spec.ranks), "--master_port", str(_free_port()),
+           str(POINT_SCRIPT), "--spec", spec.to_json(), "--out", str(folder)]
+    with open(folder / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+            status = "ok" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timeout after {timeout:.0f} s"
+        except BaseException:  # interrupted: take the ranks down with the launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    records = []
+    for rank in range(spec.ranks):
+        path = folder / f"rank{rank}.json"
+        records.append(json.loads(path.read_text()) if path.exists() else {"rank": rank, "status": status})
+    return status, records
+
+
+# ---------------------------------------------------------------- rows
+
+
+def rows_for(point: Point, prediction: Any, records: list[dict[str, Any]], launch_status: str) -> list[dict]:
+    spec = point.spec
+    topo = spec.topology()
+    rows = []
+    for rec in records:
+        rank = rec["rank"]
+        stage = topo.stage_of(rank)
+        row: dict[str, Any] = {
+            "config": spec.label(), "group": point.group, "rank": rank, "stage": stage, "model": spec.model,
+            "params": json.dumps(dict(spec.params)), "patch": "x".join(map(str, spec.patch)), "stages": spec.stages,
+            "ranks": spec.ranks, "dp": spec.dp, "micro_batches": spec.micro_batches, "checkpoint": spec.checkpoint,
+            "partition": "-" if spec.plain else spec.partition, "zero": spec.zero, "precision": spec.precision,
+            "bucket": spec.bucket_elements, "plain": spec.plain,
+        }
+        status = rec.get("status", launch_status)
+        if status == "ok" and launch_status != "ok":
+            status = f"ok (launch: {launch_status})"
+        row["status"] = status
+        row["error"] = rec.get("error", "" if status.startswith("ok") else launch_status)
+        if isinstance(prediction, str):
+            row["error"] = (row["error"] + "; " if row["error"] else "") + f"prediction failed: {prediction}"
+        elif prediction is not None:
+            sp = prediction.stages[stage]
+            st = sp.states
+            row.update({
+                "predicted_peak_bytes": prediction.rank_peak(rank), "predicted_phase": sp.phase,
+                "in_flight": sp.in_flight, "boundaries": json.dumps(prediction.boundaries),
+                "pred_held_bytes": sp.held, "pred_pipe_buffers_bytes": sp.pipe_buffers,
+                "pred_working_bytes": sp.working, "pred_params_bytes": st.params, "pred_grads_bytes": st.grads,
+                "pred_optimizer_bytes": st.optimizer,
+                "pred_buckets_bytes": st.buckets_backward if sp.phase == "backward" else st.buckets_reduce,
+                "pred_profile_leftover_bytes": prediction.rank_peak(rank) - (sp.peak - sp.profile_leftover),
+                "pred_states_between_steps_bytes": st.persistent,
+            })
+        if "measured_peak_bytes" in rec:
+            row.update({
+                "measured_peak_bytes": rec["measured_peak_bytes"], "method": rec["method"],
+                "measured_boundaries": json.dumps(rec["boundaries"]),
+                "measured_step_start_bytes": rec["step_start_bytes"], "measured_state_bytes": rec["state_bytes"],
+                "rss_peak_minus_init_bytes": rec.get("rss_peak_minus_init_bytes"),
+            })
+            if row.get("predicted_peak_bytes"):
+                row["error_pct"] = round(100.0 * (row["predicted_peak_bytes"] / rec["measured_peak_bytes"] - 1), 2)
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k, "")) for k in COLUMNS})
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Predictor:
+    """One ``MemoryModel`` per network / X / Y / precision, shared by the points that fit it."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device, self.models = device, {}
+
+    def model(self, spec: RunSpec) -> Any:
+        from ds_seg3d.bench.memory_model import MemoryModel
+
+        key = (spec.model, spec.params, spec.patch[:2], spec.micro_batch, spec.precision, spec.classes)
+        if key not in self.models:
+            self.models[key] = MemoryModel(spec, self.device)
+        return self.models[key]
+
+    def __call__(self, spec: RunSpec) -> Any:
+        try:
+            return self.model(spec).predict(spec)
+        except Exception as err:  # noqa: BLE001 - a prediction failure is a row, not the end of the sweep
+            return f"{type(err).__name__}: {err}"
+
+
+def run_sweep(points: list[Point], out: Path, timeout: float = 600.0, device: str = "cpu",
+              predictor: Predictor | None = None) -> list[dict]:
+    """Predict and launch every point; the CSV under ``out`` grows after each one."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = predictor or Predictor(device)
+    rows: list[dict] = []
+    bar = tqdm(points, desc="bench memory", unit="point")
+    for i, point in enumerate(bar):
+        bar.set_postfix_str(point.spec.label()[:60])
+        t0 = time.perf_counter()
+        prediction = predictor(point.spec)
+        status, records = launch(point.spec, out / "points" / f"{i:02d}", timeout)
+        seconds = round(time.perf_counter() - t0, 1)
+        rows += [dict(row, point_seconds=seconds) for row in rows_for(point, prediction, records, status)]
+        write_csv(out / "memory.csv", rows)
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="folder for memory.csv, memory.png, memory.md")
+    p.add_argument("--quick", action="store_true", help="15 points, every swept dimension at least once (12 min on 2 shared cores)")
+    p.add_argument("--budget-mib", type=int, default=BUDGET_MIB,
+                   help="per-rank budget of the largest-patch check (full sweep only)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as timed out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ds_seg3d.bench.report import write_report
+
+    predictor = Predictor()
+    points = sweep_points(args.quick)
+    budget = args.budget_mib * 2**20
+    if not args.quick:
+        budget_model = predictor.model(next(p.spec for p in points if p.spec.model == "deep_cnn"))
+        points += budget_points(budget_model, budget)
+    rows = run_sweep(points, args.out, args.timeout, predictor=predictor)
+    write_report(rows, args.out, budget=None if args.quick else budget)
+    failed = sum(1 for r in rows if not str(r["status"]).startswith("ok"))
+    print(f"{len(points)} points, {len(rows)} rows ({failed} failed): {args.out / 'memory.csv'}, "
+          f"{args.out / 'memory.png'}, {args.out / 'memory.md'}")
+    return 0

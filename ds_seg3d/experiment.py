@@ -1,0 +1,376 @@
+"""``python -m ds_seg3d experiment NAME --out DIR``: a named comparison, run end to end on phantoms.
+
+A comparison is one entry of ``COMPARISONS``: phantom task, shard spacing, experiment TOML and arms.
+Every arm trains on the same shards with the same seeds, patch, model, steps and DeepSpeed config under
+the real launcher, differing only in the arguments its entry adds, and is scored on the test split's
+original NIfTI files against the phantom labels. Another comparison is one more entry.
+
+DIR receives phantoms/, shards/, truth/, logs/, arms/<arm>/ (run, pred, logs, evaluation.csv),
+results.csv, results.md and summary.json; ``--write-md`` replaces the comparison's own section of a
+markdown file. A failed arm is recorded and the other arms still run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ds_seg3d.data.shard_format import MANIFEST_NAME, iter_cases, load_manifest
+from ds_seg3d.evaluate import FIELDS
+from ds_seg3d.experiment_report import markdown_table, section, verdict
+from ds_seg3d.report import machine, replace_section, write_text_atomic
+from ds_seg3d.run_log import METRICS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INTRO = "# Experiments\n\nComparisons run end to end by `python -m ds_seg3d experiment NAME`; each section says how.\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Budget and launch of one run, the same for every arm. ``hostfile`` replaces ``--num_gpus ranks``;
+    ``overrides`` are ``--set`` items for every arm's training; relative config paths are the repository's."""
+
+    cases: int = 20
+    steps: int = 300
+    ranks: int = 2
+    stages: int = 2
+    seed: int = 0
+    phantom_shape: tuple[int, int, int] | None = None
+    deepspeed_config: str = "ds_configs/pipeline_zero1_cpu_fp32.json"
+    discriminator_config: str = "ds_configs/discriminator_cpu_fp32.json"
+    hostfile: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """``train_args`` is what this arm adds to the shared training command: the one thing varied."""
+
+    name: str
+    description: str
+    train_args: Callable[[Settings], list[str]] = lambda s: []
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """``heading``: its EXPERIMENTS.md section; ``labels``: ``evaluate --labels``; ``config``: TOML relative
+    to the repository; ``question``, ``caveat``, ``scale_up``: the section's fixed markdown."""
+
+    name: str
+    heading: str
+    task: str
+    labels: str
+    config: str
+    spacing: tuple[float, float, float]
+    val_fraction: float
+    test_fraction: float
+    arms: tuple[Arm, ...]
+    question: str
+    caveat: str
+    scale_up: str
+    defaults: Settings = Settings()
+
+
+PSOAS_ADVERSARIAL_WEIGHT = 0.05
+
+
+def _adversarial(s: Settings) -> list[str]:
+    # Segmentation alone for the first third: the discriminator judges shape, so the segmenter should
+    # already outline the muscles when that judgement enters its loss.
+    return ["--adversarial", "--adversarial_weight", str(PSOAS_ADVERSARIAL_WEIGHT),
+            "--set", f"adversarial.warmup_steps={s.steps // 3}"]
+
+
+PSOAS_ADVERSARIAL = Comparison(
+    name="psoas-adversarial", heading="## Phantom psoas: adversarial vs not", task="psoas", labels="psoas=1",
+    config="experiments/psoas_adversarial.toml", spacing=(1.2, 1.2, 3.0), val_fraction=0.1, test_fraction=0.3,
+    arms=(Arm("baseline", "Dice + cross-entropy"),
+          Arm("adversarial", f"Dice + cross-entropy + {PSOAS_ADVERSARIAL_WEIGHT} x the non-saturating term of a "
+                             "PatchGAN discriminator after a warm-up of a third of the steps", _adversarial)),
+    question=(
+        "Does adversarial training help a 3D CNN find the psoas among iso-dense muscles? (A report found psoas "
+        "Dice 0.863 -> 0.918 with a 3D CNN.) Both arms train the same 3D U-Net from "
+        "`experiments/psoas_adversarial.toml` on the same phantom shards with the same seeds, patches and "
+        "DeepSpeed config; the adversarial arm adds `--adversarial --adversarial_weight "
+        f"{PSOAS_ADVERSARIAL_WEIGHT}` (the project default) and a warm-up of a third of the steps. Both were fixed before running, not tuned; each arm is scored "
+        "with its final weights on the test split, which nothing else looks at. The defaults are sized "
+        "to fit about 30 minutes on 2 CPU cores (the timings below were measured)."),
+    caveat=("One seed, a few test phantoms and a short CPU budget: a difference within the case-to-case spread "
+            "says nothing either way, and phantoms are not the report's CT scans."),
+    scale_up=(
+        "The same command with GPU settings (launched from the folder holding `.deepspeed_env`, if any):\n\n"
+        "```\npython -m ds_seg3d experiment psoas-adversarial --out /scratch/psoas-adversarial --cases 200 \\\n"
+        "    --steps 5000 --stages 4 --seed 0 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
+        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \\\n"
+        "    --discriminator-config ds_configs/discriminator_gpu_bf16.json --set data.patch=128,128,64 \\\n"
+        "    --set model.params.levels=5 --set model.params.base_width=16 --set model.params.max_width=256\n```\n\n"
+        "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); both engines "
+        "train in bf16 with fp32 master weights; 4 micro-batches per step fill the pipeline; the warm-up "
+        "stays a third of the steps; prediction runs on one GPU. For real CT, build shards from "
+        "TotalSegmentator (`--labels \"psoas=iliopsoas_left,iliopsoas_right\"`) and launch each arm's "
+        "training command from its `train.log` on them."),
+)
+
+COMPARISONS: dict[str, Comparison] = {c.name: c for c in (PSOAS_ADVERSARIAL,)}
+
+
+PY = [sys.executable, "-m"]
+
+
+def deepspeed_launcher() -> str:
+    """The launcher of this interpreter's environment, else the one on PATH."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    found = str(beside) if beside.exists() else shutil.which("deepspeed")
+    if found is None:
+        raise ValueError(f"{beside}: the deepspeed launcher is not installed next to python nor on PATH")
+    return found
+
+
+def free_port() -> int:
+    """A free rendezvous port: other launches on the machine may hold DeepSpeed's default one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_cmds(c: Comparison, s: Settings, out: Path) -> list[tuple[str, list[str]]]:
+    """Phantoms, then shards: one dataset for every arm."""
+    shape = ["--shape", *map(str, s.phantom_shape)] if s.phantom_shape else []
+    return [("phantoms", [*PY, "data_tools", "phantoms", str(out / "phantoms"), "--task", c.task,
+                          "--cases", str(s.cases), "--seed", str(s.seed), *shape]),
+            ("build-shards", [*PY, "data_tools", "build-shards", str(out / "phantoms"), str(out / "shards"),
+                              "--spacing", *map(str, c.spacing), "--seed", str(s.seed),
+                              "--val-fraction", str(c.val_fraction), "--test-fraction", str(c.test_fraction)])]
+
+
+def train_cmd(c: Comparison, s: Settings, arm: Arm, shards: Path, run: Path, port: int) -> list[str]:
+    where = ["--hostfile", s.hostfile] if s.hostfile else ["--num_gpus", str(s.ranks)]
+    cmd = [deepspeed_launcher(), *where, "--master_port", str(port), "--module", "ds_seg3d.train",
+           "--data", str(shards), "--out", str(run), "--config", str(REPO_ROOT / c.config),
+           "--stages", str(s.stages), "--steps", str(s.steps), "--set", f"train.seed={s.seed}",
+           "--deepspeed_config", str(REPO_ROOT / s.deepspeed_config),  # an absolute path stays as it is
+           "--discriminator_config", str(REPO_ROOT / s.discriminator_config)]
+    for item in s.overrides:
+        cmd += ["--set", item]
+    return cmd + arm.train_args(s)
+
+
+def predict_cmd(run: Path, pred: Path, images: list[Path]) -> list[str]:
+    return [*PY, "ds_seg3d", "predict", "--checkpoint", str(run), "--out", str(pred), *map(str, images)]
+
+
+def evaluate_cmd(c: Comparison, pred: Path, truth: Path, out_csv: Path) -> list[str]:
+    return [*PY, "ds_seg3d", "evaluate", "--pred", str(pred), "--truth", str(truth), "--labels", c.labels,
+            "--out", str(out_csv)]
+
+
+def run_logged(cmd: list[str], log: Path, desc: str = "", total: int | None = None,
+               progress: Callable[[], int] | None = None) -> int:
+    """Run ``cmd`` with its output in ``log`` and a tqdm bar following ``progress()``; its exit code.
+    Children get ``OMP_NUM_THREADS=1`` (ranks share the cores) and the repository on ``PYTHONPATH``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    line = "$ " + shlex.join(cmd)
+    print(f"{desc}: {line}" if desc else line, flush=True)
+    with open(log, "w") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        # Its own process group: an interrupt takes the launcher's ranks down with it.
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        with tqdm(total=total, desc=desc, unit="step" if desc == "train" else "case",
+                  disable=progress is None) as bar:
+            try:
+                while (rc := proc.poll()) is None:
+                    time.sleep(1.0)
+                    if progress is not None and (done := progress()) > bar.n:
+                        bar.update(done - bar.n)
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                raise
+    return rc
+
+
+def last_step(run: Path) -> int:
+    """Last training step logged so far (complete lines only: the file is being appended to)."""
+    try:
+        lines = (run / METRICS).read_text().splitlines(keepends=True)
+    except OSError:
+        return 0
+    return max([json.loads(l)["step"] for l in lines if l.endswith("\n") and '"train"' in l] or [0])
+
+
+def _count_labels(pred: Path) -> int:
+    return len([p for p in pred.glob("*.nii*") if not p.name.startswith(".tmp-")]) if pred.is_dir() else 0
+
+
+def _log_tail(log: Path) -> str:
+    lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    return lines[-1][-300:] if lines else "(empty log)"
+
+
+def test_cases(shards: Path) -> list[tuple[str, Path, Path]]:
+    """(case id, original image, original label) of the manifest's test split."""
+    manifest = load_manifest(shards)
+    entries, ids = dict(iter_cases(manifest)), manifest.get("splits", {}).get("test") or []
+    if not ids:
+        raise ValueError(f"{shards / MANIFEST_NAME}: no test split to score the arms on; use more --cases")
+    return [(c, Path(entries[c]["image"]), Path(entries[c]["label"])) for c in ids]
+
+
+def training_summary(run: Path) -> dict:
+    """End of the training curve: mean of the last 5 logged values, and the final validation Dice."""
+    try:
+        records = [json.loads(l) for l in (run / METRICS).read_text().splitlines() if l.strip()]
+    except (OSError, ValueError):
+        return {}
+    train = [r for r in records if r["kind"] == "train"][-5:]
+    out = {k: round(float(np.mean([r[k] for r in train])), 4) for k in ("loss", "adv_term", "d_acc_real",
+                                                                          "d_acc_fake") if train and k in train[-1]}
+    val = [r for r in records if r["kind"] == "val"]
+    return {**out, "val_dice": val[-1]["dice"]} if val else out
+
+
+def run_arm(c: Comparison, s: Settings, arm: Arm, out: Path, test: list[tuple[str, Path, Path]]) -> dict:
+    """Train, predict and evaluate one arm; its record: status, seconds and command per step, training."""
+    adir = out / "arms" / arm.name
+    shutil.rmtree(adir, ignore_errors=True)  # a fresh run: no checkpoint or metrics of an earlier one
+    run, pred = adir / "run", adir / "pred"
+    rec: dict = {"arm": arm.name, "description": arm.description, "status": "ok", "seconds": {}, "commands": {}}
+    print(f"== arm {arm.name}: {arm.description}", flush=True)
+    for name, cmd, total, progress in (
+            ("train", train_cmd(c, s, arm, out / "shards", run, free_port()), s.steps, lambda: last_step(run)),
+            ("predict", predict_cmd(run, pred, [t[1] for t in test]), len(test), lambda: _count_labels(pred)),
+            ("evaluate", evaluate_cmd(c, pred, out / "truth", adir / "evaluation.csv"), None, None)):
+        start = time.monotonic()
+        rc = run_logged(cmd, adir / f"{name}.log", name, total, progress)
+        rec["seconds"][name], rec["commands"][name] = round(time.monotonic() - start, 1), shlex.join(cmd)
+        if rc != 0:
+            rec["status"] = f"{name} failed (exit {rc}): {_log_tail(adir / f'{name}.log')}"
+            print(f"arm {arm.name}: {rec['status']} (log {adir / f'{name}.log'})", flush=True)
+            break
+    rec["training"] = training_summary(run)
+    rec["load_avg_15min"] = round(os.getloadavg()[2], 2)  # others' jobs on the same cores slow an arm down
+    return rec
+
+
+def run_comparison(c: Comparison, s: Settings, out: Path, command: str, write_md: Path | None = None) -> int:
+    """The whole comparison; 0 when every arm finished, 1 when one failed (its record says why)."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    began, host = time.time(), machine()
+    for name, cmd in data_cmds(c, s, out):
+        print(f"== {name}", flush=True)
+        if (rc := run_logged(cmd, out / "logs" / f"{name}.log")) != 0:
+            raise ValueError(f"{out / 'logs' / f'{name}.log'}: {name} failed (exit {rc}): "
+                             f"{_log_tail(out / 'logs' / f'{name}.log')}")
+    test, truth = test_cases(out / "shards"), out / "truth"
+    shutil.rmtree(truth, ignore_errors=True)
+    truth.mkdir()
+    for _, image, label in test:
+        shutil.copyfile(label, truth / image.name)  # evaluate pairs prediction and truth by file name
+    records = [run_arm(c, s, arm, out, test) for arm in c.arms]
+    rows = []
+    for rec in (r for r in records if r["status"] == "ok"):
+        with open(out / "arms" / rec["arm"] / "evaluation.csv", newline="") as fh:
+            rows += [{"arm": rec["arm"], **row} for row in csv.DictReader(fh)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["arm", *FIELDS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    splits = load_manifest(out / "shards").get("splits", {})
+    summary = {"comparison": c.name, "command": command, "settings": dataclasses.asdict(s),
+               "splits": {k: len(splits[k]) for k in ("train", "val", "test") if isinstance(splits.get(k), list)},
+               "started": time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(began)),
+               "minutes": round((time.time() - began) / 60, 1), "machine": host, "arms": records}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    body = section(c, summary, rows)
+    write_text_atomic(out / "results.md", f"{c.heading}\n\n{body}")
+    if write_md is not None:
+        replace_section(write_md, c.heading, body, intro=INTRO)
+        print(f"wrote the section {c.heading[3:]!r} of {write_md}")
+    print(markdown_table(rows, [r["arm"] for r in records if r["status"] == "ok"]))
+    print(verdict(rows, c.arms[0].name, c.arms[-1].name))
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'} ({summary['minutes']} min)")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=sorted(COMPARISONS), help="the comparison to run")
+    p.add_argument("--out", required=True, help="folder for phantoms, shards, runs and results")
+    for flag, what in (("cases", "phantom cases"), ("steps", "training steps per arm"),
+                       ("ranks", "ranks per arm (deepspeed --num_gpus)"), ("stages", "pipeline stages"),
+                       ("seed", "seed of phantoms, splits and training, shared by the arms")):
+        p.add_argument(f"--{flag}", type=int, help=f"{what} (default: the comparison's)")
+    p.add_argument("--phantom-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="nominal phantom size")
+    p.add_argument("--deepspeed-config", help="segmenter DeepSpeed JSON for every arm")
+    p.add_argument("--discriminator-config", help="discriminator DeepSpeed JSON (adversarial arms)")
+    p.add_argument("--hostfile", help="launch with this hostfile (its slots give the ranks) instead of --num_gpus")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="experiment override for every arm, e.g. --set data.patch=128,128,64")
+    p.add_argument("--write-md", metavar="EXPERIMENTS.md", help="replace the comparison's section in this file")
+
+
+PATH_FLAGS = ("deepspeed_config", "discriminator_config", "hostfile")
+
+
+def settings_from(args: argparse.Namespace, c: Comparison) -> Settings:
+    given = {k: getattr(args, k) for k in ("cases", "steps", "ranks", "stages", "seed") if getattr(args, k) is not None}
+    paths = {k: str(Path(getattr(args, k)).resolve()) for k in PATH_FLAGS if getattr(args, k)}
+    shape = tuple(args.phantom_shape) if args.phantom_shape else c.defaults.phantom_shape
+    s = dataclasses.replace(c.defaults, **given, **paths, phantom_shape=shape,
+                            overrides=c.defaults.overrides + tuple(args.set))
+    for k in ("cases", "steps", "ranks", "stages"):
+        if getattr(s, k) < 1:
+            raise ValueError(f"--{k} must be at least 1, got {getattr(s, k)}")
+    if s.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {s.seed}")
+    if not s.hostfile and s.ranks % s.stages:
+        raise ValueError(f"--ranks {s.ranks} is not a multiple of --stages {s.stages}")
+    for k, v in paths.items():
+        if not Path(v).is_file():
+            raise ValueError(f"{v}: no such file (--{k.replace('_', '-')})")
+    return s
+
+
+def reproduce_command(args: argparse.Namespace, s: Settings) -> str:
+    """The command line that reruns the experiment, with every budget setting spelled out."""
+    cmd = ["python", "-m", "ds_seg3d", "experiment", args.name, "--out", args.out, "--cases", str(s.cases),
+           "--steps", str(s.steps), "--ranks", str(s.ranks), "--stages", str(s.stages), "--seed", str(s.seed)]
+    cmd += ["--phantom-shape", *map(str, args.phantom_shape)] if args.phantom_shape else []
+    for k in PATH_FLAGS:
+        cmd += [f"--{k.replace('_', '-')}", getattr(args, k)] if getattr(args, k) else []
+    for item in args.set:
+        cmd += ["--set", item]
+    return shlex.join(cmd + (["--write-md", args.write_md] if args.write_md else []))
+
+
+def run(args: argparse.Namespace) -> int:
+    c = COMPARISONS[args.name]
+    try:
+        s = settings_from(args, c)
+        return run_comparison(c, s, Path(args.out), reproduce_command(args, s),
+                              Path(args.write_md) if args.write_md else None)
+    except ValueError as e:
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,245 @@
+"""``ds-seg3d experiment``: the arms and command lines it builds, its tables, its EXPERIMENTS.md section,
+and one short end-to-end run on real phantoms, shards and launches in which one arm fails."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.__main__ import make_parser as data_tools_parser
+from ds_seg3d import evaluate, experiment, predict
+from ds_seg3d.experiment import COMPARISONS, Arm, Settings
+
+PSOAS = COMPARISONS["psoas-adversarial"]
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    experiment.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _train_args(cmd: list[str]) -> list[str]:
+    """The arguments after ``--module ds_seg3d.train`` (what the training module parses)."""
+    i = cmd.index("--module")
+    assert cmd[i + 1] == "ds_seg3d.train"
+    return cmd[i + 2:]
+
+
+def _train_config(cmd: list[str]):
+    from ds_seg3d.train import experiment_config, parse_args
+
+    return experiment_config(parse_args(_train_args(cmd)))
+
+
+def test_psoas_arms_differ_only_in_the_adversarial_term(tmp_path: Path) -> None:
+    s = Settings(steps=90, seed=7)
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    base, adv = (experiment.train_cmd(PSOAS, s, arm, shards, run, 29999) for arm in PSOAS.arms)
+    assert [a.name for a in PSOAS.arms] == ["baseline", "adversarial"]
+    assert adv[:len(base)] == base, "the adversarial arm must extend the shared command, not change it"
+    extra = adv[len(base):]
+    assert extra[:2] == ["--adversarial", "--adversarial_weight"] and float(extra[2]) > 0
+    cfg_base, cfg_adv = _train_config(base), _train_config(adv)
+    assert not cfg_base.adversarial.enabled and cfg_adv.adversarial.enabled
+    assert cfg_adv.adversarial.warmup_steps == s.steps // 3
+    assert cfg_adv.adversarial.weight == float(extra[2])
+    a, b = cfg_base.to_dict(), cfg_adv.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"adversarial"}
+    assert a["train"]["seed"] == 7 and a["train"]["steps"] == 90 and a["data"]["shards"] == str(shards)
+
+
+def test_train_command_runs_the_venv_launcher_with_the_settings(tmp_path: Path) -> None:
+    s = Settings(ranks=4, stages=2, steps=12, overrides=("data.patch=32,32,16",))
+    cmd = experiment.train_cmd(PSOAS, s, PSOAS.arms[0], tmp_path / "shards", tmp_path / "run", 31000)
+    assert cmd[0] == str(Path(sys.executable).with_name("deepspeed"))
+    assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[cmd.index("--master_port") + 1] == "31000"
+    for flag in ("--deepspeed_config", "--discriminator_config", "--config"):
+        assert Path(cmd[cmd.index(flag) + 1]).is_file(), flag
+    cfg = _train_config(cmd)
+    assert cfg.data.patch == (32, 32, 16) and cfg.train.stages == 2 and cfg.train.steps == 12
+    hosted = experiment.train_cmd(PSOAS, Settings(hostfile="/etc/hostfile"), PSOAS.arms[0], tmp_path, tmp_path, 1)
+    assert hosted[1:3] == ["--hostfile", "/etc/hostfile"] and "--num_gpus" not in hosted
+
+
+def test_data_commands_parse_and_share_the_seed(tmp_path: Path) -> None:
+    s = Settings(cases=6, seed=3, phantom_shape=(64, 64, 32))
+    (name1, phantoms), (name2, shards) = experiment.data_cmds(PSOAS, s, tmp_path)
+    assert (name1, name2) == ("phantoms", "build-shards")
+    p = data_tools_parser().parse_args(phantoms[3:])
+    assert (p.task, p.cases, p.seed, list(p.shape)) == ("psoas", 6, 3, [64, 64, 32])
+    b = data_tools_parser().parse_args(shards[3:])
+    assert b.src == p.out and tuple(b.spacing) == PSOAS.spacing and b.seed == 3
+    assert b.val_fraction + b.test_fraction < 1 and b.test_fraction > 0
+
+
+def test_predict_and_evaluate_commands_parse(tmp_path: Path) -> None:
+    images = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    cmd = experiment.predict_cmd(tmp_path / "run", tmp_path / "pred", images)
+    assert cmd[:4] == [sys.executable, "-m", "ds_seg3d", "predict"]
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    args = parser.parse_args(cmd[4:])
+    assert args.inputs == [str(p) for p in images] and args.checkpoint == str(tmp_path / "run")
+    cmd = experiment.evaluate_cmd(PSOAS, tmp_path / "pred", tmp_path / "truth", tmp_path / "e.csv")
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(cmd[4:])
+    assert evaluate.parse_labels(args.labels, {0, 1}) == {"psoas": 1}
+
+
+def test_settings_from_the_command_line_and_the_reproducing_command() -> None:
+    args = _cli(["psoas-adversarial", "--out", "runs/x", "--steps", "40", "--set", "data.patch=32,32,16"])
+    s = experiment.settings_from(args, PSOAS)
+    assert s.steps == 40 and s.cases == PSOAS.defaults.cases and s.overrides == ("data.patch=32,32,16",)
+    again = shlex.split(experiment.reproduce_command(args, s))
+    assert again[:4] == ["python", "-m", "ds_seg3d", "experiment"]
+    assert experiment.settings_from(_cli(again[4:]), PSOAS) == s
+
+
+def test_documented_gpu_command_configures_a_valid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ds_seg3d.models import check_patch
+
+    monkeypatch.chdir(experiment.REPO_ROOT)  # its paths are the repository's
+    block = PSOAS.scale_up.split("```")[1].replace("\\\n", " ")
+    argv = shlex.split(block)
+    assert argv[:4] == ["python", "-m", "ds_seg3d", "experiment"]
+    s = experiment.settings_from(_cli(argv[4:]), PSOAS)
+    assert s.hostfile and "gpu_bf16" in s.deepspeed_config and "gpu_bf16" in s.discriminator_config
+    cmd = experiment.train_cmd(PSOAS, s, PSOAS.arms[-1], tmp_path, tmp_path, 1)
+    cfg = _train_config(cmd)
+    check_patch(cfg.model.build_config(in_channels=1, num_classes=2), cfg.data.patch)
+    assert cfg.adversarial.enabled and cfg.adversarial.warmup_steps == s.steps // 3
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--ranks", "3", "--stages", "2"], "not a multiple"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--deepspeed-config", "no/such.json"], "no such file"),
+])
+def test_bad_settings_end_with_one_line(argv: list[str], problem: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    code = experiment.run(_cli(["psoas-adversarial", "--out", str(tmp_path / "x"), *argv]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and problem in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def _rows(rng: np.random.Generator, arms: dict[str, float], cases: int) -> list[dict]:
+    rows = []
+    for arm, shift in arms.items():
+        for i in range(cases):
+            rows.append({"arm": arm, "case": f"psoas_{i:03d}", "label": "psoas",
+                         "dice": str(round(float(np.clip(0.8 + shift + rng.normal(0, 0.01), 0, 1)), 5)),
+                         "volume_pred_ml": "1", "volume_true_ml": "1",
+                         "volume_error_pct": str(round(float(rng.normal(0, 6)), 3))})
+    return rows
+
+
+def test_markdown_table_per_case_and_summary_rows() -> None:
+    rows = _rows(np.random.default_rng(0), {"baseline": 0.0, "adversarial": 0.05}, 5)
+    lines = experiment.markdown_table(rows, ["baseline", "adversarial"]).splitlines()
+    assert lines[0].split("|")[1:-1] == [" case ", " Dice baseline ", " Dice adversarial ",
+                                          " volume error % baseline ", " volume error % adversarial "]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    for arm_index, arm in enumerate(["baseline", "adversarial"]):
+        mine = [r for r in rows if r["arm"] == arm]
+        dice = [float(r["dice"]) for r in mine]
+        err = [abs(float(r["volume_error_pct"])) for r in mine]
+        assert cells[mine[2]["case"]][arm_index] == f"{dice[2]:.3f}"
+        assert cells[mine[2]["case"]][2 + arm_index] == f"{float(mine[2]['volume_error_pct']):+.1f}"
+        mean_row = next(v for k, v in cells.items() if k.startswith("**mean**"))
+        median_row = next(v for k, v in cells.items() if k.startswith("**median**"))
+        under5 = next(v for k, v in cells.items() if "under 5" in k)
+        assert mean_row[arm_index] == f"{statistics.mean(dice):.3f}"
+        assert median_row[2 + arm_index] == f"{statistics.median(err):.1f}"
+        assert under5[2 + arm_index] == f"{sum(e < 5 for e in err)}/{len(err)}"
+
+
+def test_verdict_says_what_the_numbers_show() -> None:
+    rng = np.random.default_rng(1)
+    same = _rows(rng, {"baseline": 0.0, "adversarial": 0.0}, 8)
+    assert "no measurable effect" in experiment.verdict(same, "baseline", "adversarial")
+    better = _rows(rng, {"baseline": 0.0, "adversarial": 0.1}, 8)
+    sentence = experiment.verdict(better, "baseline", "adversarial")
+    assert "adversarial raised Dice" in sentence
+    signed = statistics.mean(float(r["volume_error_pct"]) for r in better if r["arm"] == "adversarial")
+    assert f"mean volume error {signed:+.1f} %" in sentence
+    worse = _rows(rng, {"baseline": 0.0, "adversarial": -0.1}, 8)
+    assert "adversarial lowered Dice" in experiment.verdict(worse, "baseline", "adversarial")
+    assert "too few cases" in experiment.verdict(_rows(rng, {"baseline": 0, "adversarial": 0.1}, 2),
+                                                 "baseline", "adversarial")
+    assert experiment.verdict(same[:8], "baseline", "adversarial").startswith("No comparison")
+
+
+def test_replace_section_keeps_the_other_sections(tmp_path: Path) -> None:
+    md = tmp_path / "EXPERIMENTS.md"
+    experiment.replace_section(md, PSOAS.heading, "first\n", intro=experiment.INTRO)
+    assert md.read_text().startswith(experiment.INTRO) and md.read_text().count(PSOAS.heading) == 1
+    md.write_text(md.read_text() + "\n## Later\n\nkept\n")
+    md.write_text(md.read_text().replace(experiment.INTRO, experiment.INTRO + "\n## Earlier\n\nalso kept\n"))
+    body = "second\n\n```\n## not a heading inside a code block\n```\n"
+    for _ in range(2):  # idempotent
+        experiment.replace_section(md, PSOAS.heading, body, intro=experiment.INTRO)
+    text = md.read_text()
+    assert "first" not in text and text.count("second") == 1 and text.count(PSOAS.heading) == 1
+    assert text.index("## Earlier") < text.index(PSOAS.heading) < text.index("second") < text.index("## Later")
+    assert "also kept" in text and "kept\n" in text and "not a heading inside" in text
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_progress_reads_complete_metric_lines_only(tmp_path: Path) -> None:
+    assert experiment.last_step(tmp_path) == 0
+    lines = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 10, 20)] + [{"kind": "val", "step": 30}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "st')
+    assert experiment.last_step(tmp_path) == 20
+
+
+def test_run_logged_captures_output_and_exit_code(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "child.log"
+    code = [sys.executable, "-c", "import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); sys.exit(3)"]
+    assert experiment.run_logged(code, log) == 3
+    text = log.read_text()
+    assert text.startswith("$ ") and "threads 1" in text
+
+
+def test_test_cases_come_from_the_manifest(kidney_shards: Path, tmp_path: Path) -> None:
+    manifest = json.loads((kidney_shards / "manifest.json").read_text())
+    cases = experiment.test_cases(kidney_shards)
+    assert [c for c, _, _ in cases] == manifest["splits"]["test"]
+    assert all(image.is_file() and label.is_file() and image.name == label.name for _, image, label in cases)
+    manifest["splits"]["test"] = []
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no test split"):
+        experiment.test_cases(tmp_path)
+
+
+@pytest.mark.multirank
+def test_end_to_end_one_failing_arm_does_not_stop_the_other(tmp_path: Path) -> None:
+    """Real phantoms, shards and launches at a tiny size; the first arm's launch fails on a bad flag."""
+    comparison = dataclasses.replace(PSOAS, arms=(
+        Arm("broken", "a flag the trainer refuses", lambda s: ["--no-such-flag"]), Arm("plain", "the baseline")))
+    s = Settings(cases=4, steps=2, seed=1, phantom_shape=(64, 64, 32),
+                 overrides=("data.patch=32,32,16", "model.params.base_width=4"))
+    md, out = tmp_path / "EXPERIMENTS.md", tmp_path / "out"
+    code = experiment.run_comparison(comparison, s, out, "python -m ds_seg3d experiment ...", md)
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    status = {a["arm"]: a["status"] for a in summary["arms"]}
+    assert status["broken"].startswith("train failed") and status["plain"] == "ok"
+    assert summary["splits"]["test"] >= 1 and summary["machine"]["nproc"] >= 1
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["arm"] for r in rows} == {"plain"} and all(0 <= float(r["dice"]) <= 1 for r in rows)
+    assert len(rows) == summary["splits"]["test"]
+    text = md.read_text()
+    assert PSOAS.heading in text and "| Dice plain |" in text and "train failed" in text
+    assert (out / "arms" / "plain" / "run" / "training_curve.png").is_file()
