@@ -70,8 +70,9 @@ def run_deepspeed(
     run_env.update(env or {})
     run_env["OMP_NUM_THREADS"] = "1"
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), run_env.get("PYTHONPATH", "")) if p)
+    port = free_port()
     cmd = [
-        deepspeed_executable(), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+        deepspeed_executable(), "--num_gpus", str(num_ranks), "--master_port", str(port),
         *target, *map(str, args),
     ]
     proc = subprocess.Popen(
@@ -93,4 +94,14 @@ def run_deepspeed(
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, None)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited with {result.returncode}:\n{tail(out)}")
+    leaked = leftover_shm(port)
+    for path in leaked:
+        path.unlink(missing_ok=True)
+    if check and leaked:
+        raise AssertionError(f"the job left DeepSpeed's shared-memory workspaces behind: {[p.name for p in leaked]}")
     return result
+
+
+def leftover_shm(port: int) -> list[Path]:
+    """DeepSpeed CPU all-reduce workspaces of the job on ``port`` still named in /dev/shm."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))

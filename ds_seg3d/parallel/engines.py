@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -48,6 +49,28 @@ def init_distributed(backend: str | None = None) -> None:
     if backend is None:
         backend = get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    _unlink_shm_buffer()
+
+
+def shm_buffer_path(rank: int | None = None) -> Path:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps this rank's workspace (about 66 MiB)."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove the name of this rank's shared-memory all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed's CPU accelerator creates one per rank (when all ranks share a host) and never unlinks
+    it, so every job, finished or killed, would leave its workspaces in /dev/shm, which is RAM. The
+    mappings stay valid after the unlink; the barrier ensures no rank still has to open a peer's.
+    """
+    path = shm_buffer_path()
+    if not path.exists():
+        return
+    dist.barrier()
+    path.unlink(missing_ok=True)
 
 
 def module_topology(module: PipelineModule) -> tuple[int, int]:
