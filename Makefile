@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
+# DeepSpeed JIT-builds a small op on the first launch; keep its cache with this checkout's venv so that
+# other checkouts (and a build interrupted elsewhere, which leaves a lock behind) never block ours.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv demo test clean
 
