@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -202,7 +203,8 @@ def run_single(args: argparse.Namespace, work: Path) -> None:
             t_joint = same["joint"] if same else (stage_times(defs, parts, data, True)[0] if crossing > 1 else t_ds)
             timed[method] = {"parts": parts, "ds": t_ds, "joint": t_joint, "crossing": crossing}
         result[name] = {"steps": steps, "optimizer": type(base).__name__, "params": sum(counts), "candidates": timed}
-        del engine
+        del engine, step
+        gc.collect()  # DeepSpeed engines hold reference cycles; free one before building the next
     write_json(work / "single.json", result)
 
 
@@ -240,7 +242,8 @@ def run_pipe(args: argparse.Namespace, work: Path) -> None:
         result[name] = {"steps": steps, "stage": int(engine.stage_id), "parts": parts, "method": method,
                         "crossing_bytes": sum(t.numel() * t.element_size() for t in crossing),
                         "ping_pong_s": ping_pong(crossing, dist.get_rank())}
-        del engine
+        del engine, module, step
+        gc.collect()  # DeepSpeed engines hold reference cycles; free one before building the next
     write_json(work / f"pipe_rank{dist.get_rank()}.json", result)
     dist.barrier()
 
@@ -353,6 +356,11 @@ def report(res: dict, args: argparse.Namespace, command: str, loads: list[str], 
         f"{n} {r['ratio'][0][0]:.3f}x {ok(r['ratio'][0][0] <= 1.1)}" for n, r in res.items()) + "; 2-stage "
         "efficiency >= 0.9 x ideal: " + ", ".join(f"{n} {sum(r['eff'][m] >= 0.9 * m / (m + STAGES - 1) for m in MS)}"
                                                   f" of {len(MS)} m PASS" for n, r in res.items()) + ".")
+    shares = [r["core"] for r in res.values()] + [p["compute_cpu"] / p["compute"] for r in res.values()
+                                                  for sp in r["stage_parts"] for p in sp.values()]
+    if min(shares) < 0.9:
+        verdict += (f" **Disturbed run**: at times a rank got only {min(shares):.0%} of a core (other processes); "
+                    "the tables below say where.")
     lines = [
         SECTION, "", f"Written by `{command}` on {now} ({minutes:.1f} min).  ", f"Machine: {machine(loads)}.", "",
         verdict, "",
