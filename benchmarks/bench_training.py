@@ -88,8 +88,9 @@ def stage_times(defs: list, parts: list[int], data: list, joint: bool, repeats: 
                 grads, t2 = [torch.ones_like(o) for o in outs], time.perf_counter()
                 if joint:
                     torch.autograd.backward(outs, grads)
-                for i, (o, g) in enumerate(zip(outs, grads) if not joint else ()):
-                    o.backward(g, retain_graph=i < len(outs) - 1)
+                else:
+                    for i, (o, g) in enumerate(zip(outs, grads)):
+                        o.backward(g, retain_graph=i < len(outs) - 1)
                 row.append(t1 - t0 + time.perf_counter() - t2)
                 crossing = len(outs) if s == 0 else crossing
             x = out
@@ -448,7 +449,8 @@ def limits(res: dict) -> list[str]:
                    f"ms, {r['ping_pong_s'] * m:.3f} s of the {s0['p2p']:.3f} / {s1['p2p']:.3f} s the stages spend in "
                    f"send/recv per step; the rest is waiting for the other stage. Compute took {s0['compute']:.3f} / "
                    f"{s1['compute']:.3f} s against {m * t[0]:.3f} / {m * t[1]:.3f} s alone: the ranks' threads got "
-                   f"{share[0]:.0%} / {share[1]:.0%} of a core (other processes on the 2 shared cores) and used "
+                   f"{share[0]:.0%} / {share[1]:.0%} of a core"
+                   + (" (other processes on the 2 shared cores)" if min(share) < 0.9 else "") + " and used "
                    f"{per_cpu[0]:.2f}x / {per_cpu[1]:.2f}x the CPU time of the stage alone"
                    + (" (the same work ran slower per CPU second: caches and memory bandwidth are shared too)."
                       if max(per_cpu) > 1.1 else "."))
