@@ -27,6 +27,7 @@ from ds_seg3d.bench.report import (  # noqa: E402
     MIB, number, accuracy, by_config, largest_patch, methods, partition_balance, rows_markdown, targets_markdown,
 )
 from ds_seg3d.bench.sweep import BUDGET_MIB, DEEP_CNN, UNET, read_csv, sweep_points  # noqa: E402
+from ds_seg3d.report import write_section
 
 SECTION = "## Memory scaling"
 CHARTS = ("memory.png", "memory_partition.png", "memory_budget.png")
@@ -158,20 +159,6 @@ def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: 
     return "\n".join(lines) + "\n"
 
 
-def write_section(md: Path, text: str) -> None:
-    """Replace only the "## Memory scaling" section of BENCHMARKS.md; the other sections belong to other scripts."""
-    old = md.read_text() if md.exists() else (
-        "# Benchmarks\n\nMeasured numbers; each section names the command that wrote it (see benchmarks/README.md).\n")
-    lines, new = old.splitlines(), text.rstrip("\n").splitlines()
-    if SECTION in lines:
-        begin = lines.index(SECTION)
-        end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[begin:end] = new + ([""] if end < len(lines) else [])
-    else:
-        lines += ["", *new]
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines).rstrip("\n") + "\n")
-    os.replace(tmp, md)
 
 
 def main(argv: list[str] | None = None) -> int:

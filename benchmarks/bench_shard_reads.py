@@ -39,6 +39,7 @@ from data_tools.preprocess import CT_BODY_HU  # noqa: E402
 from ds_seg3d.data import shard_format as sf  # noqa: E402
 from ds_seg3d.data.geometry import largest_component  # noqa: E402
 from ds_seg3d.data.reader import ShardReader  # noqa: E402
+from ds_seg3d.report import write_section
 
 CASE_ID = "bench_000"
 SECTION = "## Shard reads"
@@ -374,19 +375,6 @@ def plot(methods: list[Method], path: Path) -> None:
     os.replace(path.with_name(path.name + ".tmp"), path)
 
 
-def write_section(md: Path, section: str) -> None:
-    """Replace only the "## Shard reads" section of BENCHMARKS.md; other sections belong to other scripts."""
-    text = md.read_text() if md.exists() else (
-        "# Benchmarks\n\nMeasured numbers; each section names the command that wrote it (see benchmarks/README.md).\n")
-    lines, new = text.splitlines(), section.rstrip("\n").splitlines()
-    if SECTION in lines:
-        begin = lines.index(SECTION)
-        end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[begin:end] = new + ([""] if end < len(lines) else [])
-    else:
-        lines += ["", *new]
-    md.with_name(md.name + ".tmp").write_text("\n".join(lines).rstrip("\n") + "\n")
-    os.replace(md.with_name(md.name + ".tmp"), md)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
 
 from ds_seg3d.losses import DiceCELoss  # noqa: E402
 from ds_seg3d.models import DeepCNNConfig, UNet3DConfig, as_tuple, build_layers, build_sequential  # noqa: E402
+from ds_seg3d.report import write_section
 
 SECTION = "## Training step"
 DS_CONFIG = ROOT / "ds_configs" / "pipeline_zero1_cpu_fp32.json"
@@ -482,19 +483,6 @@ def plot(res: dict, path: Path) -> None:
     os.replace(path.with_name(path.name + ".tmp"), path)
 
 
-def write_section(md: Path, section: str) -> None:
-    """Replace only the "## Training step" section of BENCHMARKS.md; other sections belong to other scripts."""
-    text = md.read_text() if md.exists() else (
-        "# Benchmarks\n\nMeasured numbers; each section names the command that wrote it (see benchmarks/README.md).\n")
-    lines, new = text.splitlines(), section.rstrip("\n").splitlines()
-    if SECTION in lines:
-        begin = lines.index(SECTION)
-        end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[begin:end] = new + ([""] if end < len(lines) else [])
-    else:
-        lines += ["", *new]
-    md.with_name(md.name + ".tmp").write_text("\n".join(lines).rstrip("\n") + "\n")
-    os.replace(md.with_name(md.name + ".tmp"), md)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

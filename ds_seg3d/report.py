@@ -45,3 +45,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+BENCHMARKS_INTRO = ("# Benchmarks\n\nMeasured numbers; each section names the command that wrote it "
+                    "(see benchmarks/README.md).\n")
+
+
+def write_section(md: Path, section: str, intro: str = BENCHMARKS_INTRO) -> None:
+    """Replace the section whose first line (``## Title``) heads ``section``; other sections stay."""
+    heading, _, body = section.lstrip("\n").partition("\n")
+    replace_section(Path(md), heading.rstrip(), body.lstrip("\n"), intro=intro)
