@@ -12,19 +12,28 @@ from typing import Union
 import torch
 from torch import nn
 
-from ds_seg3d.models import deep_cnn, unet3d
+from ds_seg3d.models import cnn2d, deep_cnn, unet3d
+from ds_seg3d.models.cnn2d import CNN2DConfig
 from ds_seg3d.models.deep_cnn import DeepCNNConfig, receptive_field
 from ds_seg3d.models.discriminator import Discriminator3D, DiscriminatorConfig
 from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, build_sequential
 from ds_seg3d.models.unet3d import UNet3DConfig
 
-ModelConfig = Union[DeepCNNConfig, UNet3DConfig]
+ModelConfig = Union[DeepCNNConfig, UNet3DConfig, CNN2DConfig]
 
-MODEL_CONFIGS: dict[str, type] = {"deep_cnn": DeepCNNConfig, "unet3d": UNet3DConfig}
+MODEL_CONFIGS: dict[str, type] = {"deep_cnn": DeepCNNConfig, "unet3d": UNet3DConfig, "cnn2d": CNN2DConfig}
 """Model name (as written in experiment configs) -> its config dataclass."""
 
-_BUILDERS = {"deep_cnn": deep_cnn.build_deep_cnn_layers, "unet3d": unet3d.build_unet3d_layers}
-_PATCH_CHECKS = {DeepCNNConfig: deep_cnn.check_patch, UNet3DConfig: unet3d.check_patch}
+_BUILDERS = {
+    "deep_cnn": deep_cnn.build_deep_cnn_layers,
+    "unet3d": unet3d.build_unet3d_layers,
+    "cnn2d": cnn2d.build_cnn2d_layers,
+}
+_PATCH_CHECKS = {
+    DeepCNNConfig: deep_cnn.check_patch,
+    UNet3DConfig: unet3d.check_patch,
+    CNN2DConfig: cnn2d.check_patch,
+}
 
 
 def build_layers(name: str, cfg: ModelConfig) -> list[LayerDef]:
@@ -59,6 +68,7 @@ def count_parameters(layers: Iterable[Union[LayerDef, nn.Module]]) -> int:
 
 __all__ = [
     "Activation",
+    "CNN2DConfig",
     "DeepCNNConfig",
     "Discriminator3D",
     "DiscriminatorConfig",

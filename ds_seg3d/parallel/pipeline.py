@@ -63,6 +63,15 @@ class PartitionedPipelineModule(PipelineModule):
             kwargs["partition_method"] = "fixed"
         super().__init__(layers, **kwargs)
 
+    def forward(self, forward_input: Any) -> Any:
+        # DeepSpeed's bf16/fp16 engines cast the module, not the data it loads: the first stage casts the
+        # float images it receives to its weights' dtype (labels and integer tensors stay as they are).
+        if self._local_start == 0:
+            dtype = next((p.dtype for p in self.parameters()), None)
+            if dtype is not None:
+                forward_input = _cast_floats(forward_input, dtype)
+        return super().forward(forward_input)
+
     def _partition_layers(self, method: str = "parameters") -> None:
         if self._fixed_boundaries is None:
             super()._partition_layers(method=method)
@@ -72,6 +81,14 @@ class PartitionedPipelineModule(PipelineModule):
         self.parts = check_boundaries(parts, len(self._layer_specs), self.num_stages)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    return value
 
 
 def layer_specs(defs: Sequence[LayerLike]) -> list[LayerSpec]:

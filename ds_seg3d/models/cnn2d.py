@@ -1,0 +1,191 @@
+"""A slice-wise 2D U-Net baseline that runs wherever the 3D networks run.
+
+It answers "does the third dimension help?" with everything else held equal: the same shards,
+patches, loss, training loop, pipeline stages, sliding-window prediction and metrics. So it keeps
+the 3D U-Net's shape as a flat list of layers whose skips ride along in a tuple
+``(skip_0, ..., skip_k, current)`` (see ``ds_seg3d.models.unet3d``), and every tensor between layers
+stays 5D ``(B, C, X, Y, Z)``. Inside a layer, Z is folded into the batch, ``(B, C, X, Y, Z) ->
+(B*Z, C, X, Y)``, the 2D convolutions and per-slice InstanceNorm run on the axial slices, and the
+result is unfolded. No operation mixes slices, so a ``(X, Y, Z)`` patch is a batch of Z independent
+2D samples and a 3D sliding window predicts exactly slice by slice. Only X and Y are downsampled.
+
+Layers fold once on entry and unfold once on exit rather than per conv block: each fold or unfold
+may copy, and activations are what limits the patch. The unfolded output is made contiguous
+because pipeline stages send it as a plain buffer.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ds_seg3d.models.blocks import NEGATIVE_SLOPE
+from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, is_positive_int
+
+
+@dataclass
+class CNN2DConfig:
+    """Shape of the 2D U-Net; field names mean what they mean in ``UNet3DConfig``."""
+
+    in_channels: int = 1
+    """Image channels (1 for CT; one per sequence for multi-sequence MRI)."""
+    num_classes: int = 2
+    """Output channels: background plus foreground labels (logits for softmax)."""
+    levels: int = 4
+    """Resolution levels including the bottleneck; X and Y must be divisible by 2**(levels - 1)."""
+    base_width: int = 28
+    """Channels at full resolution; doubled at every level below. About sqrt(3) times the 3D
+    U-Net's, since a 3x3 kernel has a third of the weights of a 3x3x3 one."""
+    max_width: int = 448
+    """Cap on the channels of the coarse levels."""
+    convs_per_level: int = 2
+    """ConvNormAct blocks per encoder and per decoder level (the first encoder one is strided)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for field_name in ("in_channels", "levels", "base_width", "max_width", "convs_per_level"):
+            value = getattr(self, field_name)
+            if not is_positive_int(value):
+                raise ValueError(f"CNN2DConfig.{field_name} must be a positive integer, got {value!r}")
+        if not is_positive_int(self.num_classes) or self.num_classes < 2:
+            raise ValueError(
+                f"CNN2DConfig.num_classes must be >= 2 (background + foreground), got {self.num_classes!r}"
+            )
+        if self.max_width < self.base_width:
+            raise ValueError(
+                f"CNN2DConfig.max_width ({self.max_width}) must be >= base_width ({self.base_width})"
+            )
+
+    def widths(self) -> list[int]:
+        """Channels per level, finest first."""
+        return [min(self.base_width * 2**level, self.max_width) for level in range(self.levels)]
+
+
+def to_slices(x: Tensor) -> Tensor:
+    """``(B, C, X, Y, Z) -> (B*Z, C, X, Y)``: every axial slice becomes its own sample.
+
+    A view (no copy) when B == 1, the usual 3D micro-batch.
+    """
+    if x.dim() != 5:
+        raise ValueError(f"expected a (B, C, X, Y, Z) tensor, got shape {tuple(x.shape)}")
+    b, c, nx, ny, nz = x.shape
+    return x.permute(0, 4, 1, 2, 3).reshape(b * nz, c, nx, ny)
+
+
+def from_slices(y: Tensor, depth: int) -> Tensor:
+    """``(B*Z, C, X, Y) -> (B, C, X, Y, Z)``, contiguous: the inverse of :func:`to_slices`."""
+    bz, c, nx, ny = y.shape
+    return y.reshape(bz // depth, depth, c, nx, ny).permute(0, 2, 3, 4, 1).contiguous()
+
+
+class ConvNormAct2d(nn.Sequential):
+    """Conv2d (no bias: the norm cancels it) + InstanceNorm2d(affine) + in-place LeakyReLU(0.01)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.InstanceNorm2d(out_channels, affine=True),
+            nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
+        )
+
+
+class ConvStack2d(nn.Sequential):
+    """``num_convs`` ConvNormAct2d blocks; the first may be strided (downsampling X and Y)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_convs: int, first_stride: int = 1) -> None:
+        if num_convs < 1:
+            raise ValueError(f"ConvStack2d needs at least one conv, got num_convs={num_convs}")
+        blocks = [ConvNormAct2d(in_channels, out_channels, stride=first_stride)]
+        blocks += [ConvNormAct2d(out_channels, out_channels) for _ in range(num_convs - 1)]
+        super().__init__(*blocks)
+
+
+class SliceEncoderLayer(nn.Module):
+    """One encoder level on slices: (skips..., current) -> (skips..., current, new)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_convs: int, stride: int, keep_input: bool) -> None:
+        super().__init__()
+        self.convs = ConvStack2d(in_channels, out_channels, num_convs, first_stride=stride)
+        self.keep_input = keep_input
+
+    def forward(self, x: Activation) -> tuple[Tensor, ...]:
+        *skips, current = as_tuple(x)
+        kept = (current,) if self.keep_input else ()
+        return (*skips, *kept, from_slices(self.convs(to_slices(current)), current.shape[-1]))
+
+
+class SliceDecoderLayer(nn.Module):
+    """One decoder level on slices: (skips..., skip, current) -> (skips..., fused).
+
+    Transposed-conv upsampling of X and Y to the skip's width, concatenation ``[up, skip]``, convs.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, num_convs: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, skip_channels, 2, stride=2)
+        self.convs = ConvStack2d(2 * skip_channels, skip_channels, num_convs)
+
+    def forward(self, x: Activation) -> tuple[Tensor, ...]:
+        values = as_tuple(x)
+        if len(values) < 2:
+            raise ValueError(f"SliceDecoderLayer needs a skip and a feature map, got a tuple of {len(values)}")
+        *rest, skip, current = values
+        depth = current.shape[-1]
+        fused = self.convs(torch.cat((self.up(to_slices(current)), to_slices(skip)), dim=1))
+        return (*rest, from_slices(fused, depth))
+
+
+class SliceHeadLayer(nn.Module):
+    """1x1 conv to class logits; returns one Tensor, as the pipeline's last layer must."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, x: Activation) -> Tensor:
+        values = as_tuple(x)
+        if len(values) != 1:
+            raise ValueError(f"SliceHeadLayer expects every skip consumed, got a tuple of {len(values)}")
+        return from_slices(self.conv(to_slices(values[0])), values[0].shape[-1])
+
+
+def build_cnn2d_layers(cfg: CNN2DConfig) -> list[LayerDef]:
+    """``enc0 .. enc{L-1}`` (the last is the bottleneck), ``dec{L-2} .. dec0``, ``head``."""
+    cfg.validate()
+    widths = cfg.widths()
+    layers = []
+    in_channels = cfg.in_channels
+    for level, width in enumerate(widths):
+        stride = 1 if level == 0 else 2
+        args = (in_channels, width, cfg.convs_per_level, stride, level > 0)
+        layers.append(LayerDef(SliceEncoderLayer, args, name=f"enc{level}"))
+        in_channels = width
+    for level in reversed(range(cfg.levels - 1)):
+        args = (widths[level + 1], widths[level], cfg.convs_per_level)
+        layers.append(LayerDef(SliceDecoderLayer, args, name=f"dec{level}"))
+    layers.append(LayerDef(SliceHeadLayer, (widths[0], cfg.num_classes), name="head"))
+    return layers
+
+
+def check_patch(cfg: CNN2DConfig, patch: Sequence[int]) -> None:
+    """Raise ValueError unless every level halves X and Y exactly and a bottleneck slice can be normed.
+
+    Z is never downsampled, so any Z >= 1 works (one slice is a valid 2D batch).
+    """
+    cfg.validate()
+    patch = tuple(patch)
+    if len(patch) != 3 or not all(is_positive_int(n) for n in patch):
+        raise ValueError(f"patch must be three positive integers (X, Y, Z), got {patch!r}")
+    patch = tuple(int(n) for n in patch)
+    factor = 2 ** (cfg.levels - 1)
+    if patch[0] % factor or patch[1] % factor:
+        raise ValueError(
+            f"patch {patch} must be divisible by 2**(levels - 1) = {factor} along X and Y (levels={cfg.levels})"
+        )
+    if (patch[0] // factor) * (patch[1] // factor) < 2:
+        raise ValueError(
+            f"patch {patch} leaves slices of one pixel at the bottleneck (levels={cfg.levels}); "
+            "InstanceNorm needs at least two: use a larger X, Y or fewer levels"
+        )
