@@ -1,33 +1,40 @@
 """``python -m ds_seg3d evaluate --pred DIR --truth DIR --out FILE.csv``: agreement of label NIfTIs.
 
-Pairs files by name; one CSV row per (case, label) with Dice, predicted and true volume (mL, on the
-original grid) and the signed volume error in percent; prints a per-case table and the means.
+Pairs files by name; one CSV row per (case, label) with Dice, the 95th-percentile Hausdorff distance
+in mm, predicted and true volume (mL) and the signed volume error in percent, all on the original
+grid of the reference label (its affine gives the voxel size). Beside the CSV it writes a per-label
+summary (``FILE.summary.csv``) and a Bland-Altman plot of the volumes (``FILE.bland_altman.png``);
+see ``ds_seg3d.evaluate_report``. Empty structures give ``nan`` volume error (empty truth) and
+``inf`` HD95 (exactly one side empty), written as ``nan`` and ``inf``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
 import sys
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from tqdm import tqdm
 
-from ds_seg3d.metrics import dice, volume_error_pct, volumes_ml
+from ds_seg3d import evaluate_report as report
+from ds_seg3d.metrics import dice, hd95_mm, spacing_mm, volume_error_pct, volumes_ml
 
-FIELDS = ["case", "label", "dice", "volume_pred_ml", "volume_true_ml", "volume_error_pct"]
+FIELDS = ["case", "label", "dice", "hd95_mm", "volume_pred_ml", "volume_true_ml", "volume_error_pct"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="folder of predicted label NIfTIs")
     p.add_argument("--truth", required=True, help="folder of reference label NIfTIs (same file names)")
-    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--out", required=True,
+                   help="CSV to write; FILE.summary.csv and FILE.bland_altman.png go beside it")
     p.add_argument("--labels", default="", help="name=value pairs, e.g. kidney=1 (default: label_<value>)")
+    p.add_argument("--no-plot", action="store_true", help="skip the Bland-Altman PNG")
 
 
 def parse_labels(spec: str, values: set[int]) -> dict[str, int]:
+    """Named foreground labels; background (0) is never scored."""
     if not spec:
         return {f"label_{v}": v for v in sorted(values) if v != 0}
     out = {}
@@ -37,30 +44,45 @@ def parse_labels(spec: str, values: set[int]) -> dict[str, int]:
             out[name.strip()] = int(value)
         except ValueError:
             raise ValueError(f"--labels: {item!r} is not name=integer") from None
-    return out
+    return {name: v for name, v in out.items() if v != 0}
 
 
 def _nifti_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if p.name.endswith((".nii", ".nii.gz"))}
 
 
+def _load_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(path)
+    try:  # nibabel reads lazily: a truncated or corrupt file fails only here
+        data = np.asarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from None
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D label map, got shape {data.shape}")
+    return data.astype(np.int64), img.affine
+
+
 def evaluate_pair(pred_path: Path, truth_path: Path, labels_spec: str) -> list[dict]:
-    pred_img, truth_img = nib.load(pred_path), nib.load(truth_path)
-    pred = np.asarray(pred_img.dataobj).astype(np.int64)
-    truth = np.asarray(truth_img.dataobj).astype(np.int64)
+    """Rows of one case; the reference label's affine defines the grid, spacing and voxel volume."""
+    pred, pred_affine = _load_label(pred_path)
+    truth, affine = _load_label(truth_path)
     if pred.shape != truth.shape:
         raise ValueError(f"{pred_path}: shape {pred.shape} differs from {truth_path} {truth.shape}")
-    if not np.allclose(pred_img.affine, truth_img.affine, atol=1e-3):
+    if not np.allclose(pred_affine, affine, atol=1e-3):
         raise ValueError(f"{pred_path}: affine differs from {truth_path}")
     labels = parse_labels(labels_spec, set(np.unique(truth)) | set(np.unique(pred)))
-    vp, vt = volumes_ml(pred, truth_img.affine, labels), volumes_ml(truth, truth_img.affine, labels)
-    return [{"case": pred_path.name.split(".nii")[0], "label": name, "dice": round(dice(pred == v, truth == v), 5),
+    spacing = spacing_mm(affine)
+    vp, vt = volumes_ml(pred, affine, labels), volumes_ml(truth, affine, labels)
+    return [{"case": pred_path.name.split(".nii")[0], "label": name,
+             "dice": round(dice(pred == v, truth == v), 5),
+             "hd95_mm": round(hd95_mm(pred == v, truth == v, spacing), 3),
              "volume_pred_ml": round(vp[name], 3), "volume_true_ml": round(vt[name], 3),
              "volume_error_pct": round(volume_error_pct(vp[name], vt[name]), 3)}
             for name, v in labels.items()]
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
     try:
         pred, truth = _nifti_files(Path(args.pred)), _nifti_files(Path(args.truth))
         missing = sorted(set(pred) - set(truth))
@@ -68,27 +90,20 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{Path(args.truth) / missing[0]}: no reference label for this prediction")
         if not pred:
             raise ValueError(f"{args.pred}: no NIfTI files")
-        rows = [r for name in pred for r in evaluate_pair(pred[name], truth[name], args.labels)]
+        rows = [r for name in tqdm(pred, desc="evaluate", unit="case", disable=None)
+                for r in evaluate_pair(pred[name], truth[name], args.labels)]
+        summary = report.summarize(rows)
+        outputs = {out: report.csv_writer(FIELDS, rows),
+                   report.summary_path(out): report.csv_writer(report.SUMMARY_FIELDS, summary)}
+        if rows and not args.no_plot:
+            outputs[report.plot_path(out)] = report.bland_altman_writer(rows)
+        report.write_atomically(outputs)
     except (ValueError, OSError, nib.filebasedimages.ImageFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the library wrote
         return 2
-    out = Path(args.out)
-    tmp = out.with_name(".tmp-" + out.name)
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out)
-    print(f"{'case':<16}{'label':<10}{'Dice':>8}{'pred mL':>10}{'true mL':>10}{'error %':>9}")
-    for r in rows:
-        print(f"{r['case']:<16}{r['label']:<10}{r['dice']:>8.3f}{r['volume_pred_ml']:>10.1f}"
-              f"{r['volume_true_ml']:>10.1f}{r['volume_error_pct']:>9.2f}")
-    for name in dict.fromkeys(r["label"] for r in rows):
-        mine = [r for r in rows if r["label"] == name]
-        errs = [abs(r["volume_error_pct"]) for r in mine if not math.isnan(r["volume_error_pct"])]
-        under5 = sum(e < 5 for e in errs)
-        print(f"{name}: mean Dice {np.mean([r['dice'] for r in mine]):.3f}, "
-              f"mean |volume error| {np.mean(errs) if errs else float('nan'):.2f}%, "
-              f"{under5}/{len(mine)} cases under 5% volume error")
-    print(f"wrote {out}")
+    print(report.format_cases(rows))
+    print()
+    print(report.format_summary(summary))
+    for path in outputs:
+        print(f"wrote {path}")
     return 0
