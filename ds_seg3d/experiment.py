@@ -1,13 +1,15 @@
-"""``python -m ds_seg3d experiment NAME --out DIR``: a named comparison, run end to end on phantoms.
+"""``python -m ds_seg3d experiment NAME --out DIR``: a named comparison, run end to end.
 
-A comparison is one entry of ``COMPARISONS``: phantom task, shard spacing, experiment TOML and arms.
-Every arm trains on the same shards with the same seeds, patch, model, steps and DeepSpeed config under
-the real launcher, differing only in the arguments its entry adds, and is scored on the test split's
-original NIfTI files against the phantom labels. Another comparison is one more entry.
+A comparison is one entry of ``ds_seg3d.comparisons.COMPARISONS`` (its data, shard spacing, experiment
+TOML and arms; ``ds_seg3d.experiment_spec`` says what an entry holds). Every arm trains on the same
+shards with the same seeds, patch, steps and DeepSpeed config under the real launcher, differing only
+in what its entry adds (arguments, or its own experiment TOML), and is scored on the test split's
+original NIfTI files against their labels. Another comparison is one more entry.
 
-DIR receives phantoms/, shards/, truth/, logs/, arms/<arm>/ (run, pred, logs, evaluation.csv),
-results.csv, results.md and summary.json; ``--write-md`` replaces the comparison's own section of a
-markdown file. A failed arm is recorded and the other arms still run.
+DIR receives the data (phantoms/ or the scan's halves/), shards/, truth/, logs/, arms/<arm>/ (run, pred,
+logs, evaluation.csv and its summary and Bland-Altman plot), results.csv, results.md and summary.json;
+``--write-md`` replaces the comparison's own section of a markdown file. A failed arm is recorded and
+the other arms still run.
 """
 from __future__ import annotations
 
@@ -30,106 +32,16 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ds_seg3d.comparisons import COMPARISONS
 from ds_seg3d.data.shard_format import MANIFEST_NAME, iter_cases, load_manifest
 from ds_seg3d.evaluate import FIELDS
-from ds_seg3d.experiment_report import markdown_table, section, verdict
+from ds_seg3d.experiment_spec import PY, Arm, Comparison, Settings, data_cmds  # noqa: F401 (re-exported)
+from ds_seg3d.experiment_report import markdown_table, section, verdict, verdicts  # noqa: F401 (re-exported)
 from ds_seg3d.report import machine, replace_section, write_text_atomic
 from ds_seg3d.run_log import METRICS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTRO = "# Experiments\n\nComparisons run end to end by `python -m ds_seg3d experiment NAME`; each section says how.\n"
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Budget and launch of one run, the same for every arm. ``hostfile`` replaces ``--num_gpus ranks``;
-    ``overrides`` are ``--set`` items for every arm's training; relative config paths are the repository's."""
-
-    cases: int = 20
-    steps: int = 300
-    ranks: int = 2
-    stages: int = 2
-    seed: int = 0
-    phantom_shape: tuple[int, int, int] | None = None
-    deepspeed_config: str = "ds_configs/pipeline_zero1_cpu_fp32.json"
-    discriminator_config: str = "ds_configs/discriminator_cpu_fp32.json"
-    hostfile: str | None = None
-    overrides: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """``train_args`` is what this arm adds to the shared training command: the one thing varied."""
-
-    name: str
-    description: str
-    train_args: Callable[[Settings], list[str]] = lambda s: []
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-    """``heading``: its EXPERIMENTS.md section; ``labels``: ``evaluate --labels``; ``config``: TOML relative
-    to the repository; ``question``, ``caveat``, ``scale_up``: the section's fixed markdown."""
-
-    name: str
-    heading: str
-    task: str
-    labels: str
-    config: str
-    spacing: tuple[float, float, float]
-    val_fraction: float
-    test_fraction: float
-    arms: tuple[Arm, ...]
-    question: str
-    caveat: str
-    scale_up: str
-    defaults: Settings = Settings()
-
-
-PSOAS_ADVERSARIAL_WEIGHT = 0.05
-
-
-def _adversarial(s: Settings) -> list[str]:
-    # Segmentation alone for the first third: the discriminator judges shape, so the segmenter should
-    # already outline the muscles when that judgement enters its loss.
-    return ["--adversarial", "--adversarial_weight", str(PSOAS_ADVERSARIAL_WEIGHT),
-            "--set", f"adversarial.warmup_steps={s.steps // 3}"]
-
-
-PSOAS_ADVERSARIAL = Comparison(
-    name="psoas-adversarial", heading="## Phantom psoas: adversarial vs not", task="psoas", labels="psoas=1",
-    config="experiments/psoas_adversarial.toml", spacing=(1.2, 1.2, 3.0), val_fraction=0.1, test_fraction=0.3,
-    arms=(Arm("baseline", "Dice + cross-entropy"),
-          Arm("adversarial", f"Dice + cross-entropy + {PSOAS_ADVERSARIAL_WEIGHT} x the non-saturating term of a "
-                             "PatchGAN discriminator after a warm-up of a third of the steps", _adversarial)),
-    question=(
-        "Does adversarial training help a 3D CNN find the psoas among iso-dense muscles? (A report found psoas "
-        "Dice 0.863 -> 0.918 with a 3D CNN.) Both arms train the same 3D U-Net from "
-        "`experiments/psoas_adversarial.toml` on the same phantom shards with the same seeds, patches and "
-        "DeepSpeed config; the adversarial arm adds `--adversarial --adversarial_weight "
-        f"{PSOAS_ADVERSARIAL_WEIGHT}` (the project default) and a warm-up of a third of the steps. Both were fixed before running, not tuned; each arm is scored "
-        "with its final weights on the test split, which nothing else looks at. The defaults are sized "
-        "to fit about 30 minutes on 2 CPU cores (the timings below were measured)."),
-    caveat=("One seed, a few test phantoms and a short CPU budget: a difference within the case-to-case spread "
-            "says nothing either way, and phantoms are not the report's CT scans."),
-    scale_up=(
-        "The same command with GPU settings (launched from the folder holding `.deepspeed_env`, if any):\n\n"
-        "```\npython -m ds_seg3d experiment psoas-adversarial --out /scratch/psoas-adversarial --cases 200 \\\n"
-        "    --steps 5000 --stages 4 --seed 0 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
-        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \\\n"
-        "    --discriminator-config ds_configs/discriminator_gpu_bf16.json --set data.patch=128,128,64 \\\n"
-        "    --set model.params.levels=5 --set model.params.base_width=16 --set model.params.max_width=256\n```\n\n"
-        "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); both engines "
-        "train in bf16 with fp32 master weights; 4 micro-batches per step fill the pipeline; the warm-up "
-        "stays a third of the steps; prediction runs on one GPU. For real CT, build shards from "
-        "TotalSegmentator (`--labels \"psoas=iliopsoas_left,iliopsoas_right\"`) and launch each arm's "
-        "training command from its `train.log` on them."),
-)
-
-COMPARISONS: dict[str, Comparison] = {c.name: c for c in (PSOAS_ADVERSARIAL,)}
-
-
-PY = [sys.executable, "-m"]
 
 
 def deepspeed_launcher() -> str:
@@ -148,24 +60,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def data_cmds(c: Comparison, s: Settings, out: Path) -> list[tuple[str, list[str]]]:
-    """Phantoms, then shards: one dataset for every arm."""
-    shape = ["--shape", *map(str, s.phantom_shape)] if s.phantom_shape else []
-    return [("phantoms", [*PY, "data_tools", "phantoms", str(out / "phantoms"), "--task", c.task,
-                          "--cases", str(s.cases), "--seed", str(s.seed), *shape]),
-            ("build-shards", [*PY, "data_tools", "build-shards", str(out / "phantoms"), str(out / "shards"),
-                              "--spacing", *map(str, c.spacing), "--seed", str(s.seed),
-                              "--val-fraction", str(c.val_fraction), "--test-fraction", str(c.test_fraction)])]
-
-
 def train_cmd(c: Comparison, s: Settings, arm: Arm, shards: Path, run: Path, port: int) -> list[str]:
     where = ["--hostfile", s.hostfile] if s.hostfile else ["--num_gpus", str(s.ranks)]
     cmd = [deepspeed_launcher(), *where, "--master_port", str(port), "--module", "ds_seg3d.train",
-           "--data", str(shards), "--out", str(run), "--config", str(REPO_ROOT / c.config),
+           "--data", str(shards), "--out", str(run), "--config", str(REPO_ROOT / c.arm_config(arm)),
            "--stages", str(s.stages), "--steps", str(s.steps), "--set", f"train.seed={s.seed}",
            "--deepspeed_config", str(REPO_ROOT / s.deepspeed_config),  # an absolute path stays as it is
            "--discriminator_config", str(REPO_ROOT / s.discriminator_config)]
-    for item in s.overrides:
+    for item in s.arm_sets(arm.name):
         cmd += ["--set", item]
     return cmd + arm.train_args(s)
 
@@ -275,7 +177,7 @@ def run_comparison(c: Comparison, s: Settings, out: Path, command: str, write_md
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     began, host = time.time(), machine()
-    for name, cmd in data_cmds(c, s, out):
+    for name, cmd in c.data(c, s, out):
         print(f"== {name}", flush=True)
         if (rc := run_logged(cmd, out / "logs" / f"{name}.log")) != 0:
             raise ValueError(f"{out / 'logs' / f'{name}.log'}: {name} failed (exit {rc}): "
@@ -307,7 +209,9 @@ def run_comparison(c: Comparison, s: Settings, out: Path, command: str, write_md
         replace_section(write_md, c.heading, body, intro=INTRO)
         print(f"wrote the section {c.heading[3:]!r} of {write_md}")
     print(markdown_table(rows, [r["arm"] for r in records if r["status"] == "ok"]))
-    print(verdict(rows, c.arms[0].name, c.arms[-1].name))
+    print(verdicts(rows, c.arms[0].name, c.arms[-1].name))
+    if c.target is not None:
+        print(c.target(rows))
     print(f"results: {out / 'results.csv'}, {out / 'results.md'} ({summary['minutes']} min)")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
@@ -325,10 +229,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostfile", help="launch with this hostfile (its slots give the ranks) instead of --num_gpus")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="experiment override for every arm, e.g. --set data.patch=128,128,64")
+    p.add_argument("--arm-set", action="append", default=[], metavar="ARM:SECTION.FIELD=VALUE",
+                   help="override for one arm only, e.g. --arm-set 2d:model.params.base_width=28")
     p.add_argument("--write-md", metavar="EXPERIMENTS.md", help="replace the comparison's section in this file")
 
 
 PATH_FLAGS = ("deepspeed_config", "discriminator_config", "hostfile")
+
+
+def _arm_set(item: str, c: Comparison) -> tuple[str, str]:
+    arm, sep, setting = item.partition(":")
+    if not sep or "=" not in setting:
+        raise ValueError(f"--arm-set {item!r} is not ARM:SECTION.FIELD=VALUE")
+    if arm not in {a.name for a in c.arms}:
+        raise ValueError(f"--arm-set {item!r}: {c.name} has no arm {arm!r} ({', '.join(a.name for a in c.arms)})")
+    return arm, setting
 
 
 def settings_from(args: argparse.Namespace, c: Comparison) -> Settings:
@@ -336,7 +251,8 @@ def settings_from(args: argparse.Namespace, c: Comparison) -> Settings:
     paths = {k: str(Path(getattr(args, k)).resolve()) for k in PATH_FLAGS if getattr(args, k)}
     shape = tuple(args.phantom_shape) if args.phantom_shape else c.defaults.phantom_shape
     s = dataclasses.replace(c.defaults, **given, **paths, phantom_shape=shape,
-                            overrides=c.defaults.overrides + tuple(args.set))
+                            overrides=c.defaults.overrides + tuple(args.set),
+                            arm_overrides=c.defaults.arm_overrides + tuple(_arm_set(item, c) for item in args.arm_set))
     for k in ("cases", "steps", "ranks", "stages"):
         if getattr(s, k) < 1:
             raise ValueError(f"--{k} must be at least 1, got {getattr(s, k)}")
@@ -359,6 +275,8 @@ def reproduce_command(args: argparse.Namespace, s: Settings) -> str:
         cmd += [f"--{k.replace('_', '-')}", getattr(args, k)] if getattr(args, k) else []
     for item in args.set:
         cmd += ["--set", item]
+    for item in args.arm_set:
+        cmd += ["--arm-set", item]
     return shlex.join(cmd + (["--write-md", args.write_md] if args.write_md else []))
 
 

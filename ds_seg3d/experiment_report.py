@@ -15,25 +15,55 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _num(row: dict, field: str) -> float:
+    """A CSV cell as a float; absent or empty cells are nan (HD95 of an empty mask reads "inf" or "nan")."""
+    try:
+        return float(row.get(field, "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def _median(values: np.ndarray) -> float:
+    # inf (a structure missed entirely) counts as the worst value rather than being dropped
+    finite = values[~np.isnan(values)]
+    return float(np.median(finite)) if len(finite) else float("nan")
+
+
 def markdown_table(rows: list[dict], arms: list[str]) -> str:
-    """Per case Dice and signed volume error per arm; mean, median (of absolute errors for volumes) and
-    the cases under 5 % volume error."""
-    one_label = len({r["label"] for r in rows}) <= 1
-    by = {(r["arm"], r["case"] if one_label else f"{r['case']} {r['label']}"): r for r in rows}
-    keys = list(dict.fromkeys(k for _, k in by))
-    lines = ["| case | " + " | ".join([f"Dice {a}" for a in arms] + [f"volume error % {a}" for a in arms]) + " |",
-             "|---" * (1 + 2 * len(arms)) + "|"]
-    cell = lambda a, k, f, fmt: format(float(by[(a, k)][f]), fmt) if (a, k) in by else "-"
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join([cell(a, k, "dice", ".3f") for a in arms]
-                                             + [cell(a, k, "volume_error_pct", "+.1f") for a in arms]) + " |")
-    dice = {a: np.array([float(r["dice"]) for r in rows if r["arm"] == a]) for a in arms}
-    err = {a: np.abs([float(r["volume_error_pct"]) for r in rows if r["arm"] == a]) for a in arms}
-    for name, f in (("mean", np.nanmean), ("median", np.nanmedian)):
-        lines.append(f"| **{name}** (volume: of absolute errors) | " + " | ".join(
-            [f"{f(dice[a]):.3f}" for a in arms] + [f"{f(err[a]):.1f}" for a in arms]) + " |")
-    lines.append("| **cases under 5 % volume error** | " + " | ".join(
-        [""] * len(arms) + [f"{int(np.sum(err[a] < 5))}/{len(err[a])}" for a in arms]) + " |")
+    """Per case (and label) Dice, HD95 and signed volume error per arm; then per label the mean and
+    median (of absolute errors for volumes) and the cases under 5 % volume error."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    many = len(labels) > 1
+    has_hd = any("hd95_mm" in r for r in rows)
+    metrics = [("dice", "Dice", ".3f")] + ([("hd95_mm", "HD95 mm", ".1f")] if has_hd else []) + [
+        ("volume_error_pct", "volume error %", "+.1f")]
+    by = {(r["arm"], r["case"], r["label"]): r for r in rows}
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    lines = ["| case | " + " | ".join(f"{title} {a}" for _, title, _ in metrics for a in arms) + " |",
+             "|---" * (1 + len(metrics) * len(arms)) + "|"]
+
+    def cell(a: str, c: str, label: str, field: str, fmt: str) -> str:
+        return format(_num(by[(a, c, label)], field), fmt) if (a, c, label) in by else "-"
+
+    for label in labels:
+        for c in cases:
+            if any((a, c, label) in by for a in arms):
+                name = f"{c} {label}" if many else c
+                lines.append(f"| {name} | " + " | ".join(cell(a, c, label, f, fmt) for f, _, fmt in metrics
+                                                          for a in arms) + " |")
+    for label in labels:
+        vals = {(a, f): np.array([_num(r, f) for r in rows if r["arm"] == a and r["label"] == label])
+                for a in arms for f, _, _ in metrics}
+        vals.update({(a, "volume_error_pct"): np.abs(vals[(a, "volume_error_pct")]) for a in arms})
+        tag = f" {label}" if many else ""
+        for name, f in (("mean", lambda v: float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else float("nan")),
+                        ("median", _median)):
+            lines.append(f"| **{name}{tag}** (volume: of absolute errors) | " + " | ".join(
+                format(f(vals[(a, m)]), fmt.lstrip("+")) for m, _, fmt in metrics for a in arms) + " |")
+        lines.append(f"| **cases under 5 % volume error{tag}** | " + " | ".join(
+            [""] * ((len(metrics) - 1) * len(arms))
+            + [f"{int(np.sum(vals[(a, 'volume_error_pct')] < 5))}/{len(vals[(a, 'volume_error_pct')])}"
+               for a in arms]) + " |")
     return "\n".join(lines)
 
 
@@ -60,18 +90,33 @@ def verdict(rows: list[dict], reference: str, variant: str) -> str:
                    f"{better} Dice, a single-seed result to be repeated before it is trusted.")
 
 
+def verdicts(rows: list[dict], reference: str, variant: str) -> str:
+    """The verdict sentence, one per label when the rows hold several."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    if len(labels) <= 1:
+        return verdict(rows, reference, variant)
+    return "\n\n".join(f"{label}: " + verdict([r for r in rows if r["label"] == label], reference, variant)
+                        for label in labels)
+
+
 def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
     """The markdown under the comparison's heading: question, command, set-up, machine, table, verdict."""
+    from ds_seg3d.experiment_spec import Settings
+
     s, m = summary["settings"], summary["machine"]
-    cfg = load_config(REPO_ROOT / c.config, list(s["overrides"]))
+    settings = Settings(**{**s, "arm_overrides": tuple(tuple(x) for x in s.get("arm_overrides", ()))})
     splits = ", ".join(f"{v} {k}" for k, v in summary["splits"].items())
     arms_ok = [r["arm"] for r in summary["arms"] if r["status"] == "ok"]
     layout = (f"the hostfile's ranks as {s['stages']} pipeline stages x data parallel" if s["hostfile"] else
               f"{s['ranks']} ranks = {s['stages']} pipeline stages x {s['ranks'] // s['stages']} data-parallel")
+    models = []
+    for arm in c.arms:
+        cfg = load_config(REPO_ROOT / c.arm_config(arm), settings.arm_sets(arm.name))
+        models.append(f"`{arm.name}`: patch {' x '.join(map(str, cfg.data.patch))}, `{cfg.model.name}` "
+                      f"{json.dumps(cfg.model.params)} (`{c.arm_config(arm)}`)")
     out = [c.question, "", "```", summary["command"], "```", "",
-           f"- Data: {s['cases']} `{c.task}` phantoms (seed {s['seed']}; {splits}), shards at "
-           f"{' x '.join(map(str, c.spacing))} mm; patch {' x '.join(map(str, cfg.data.patch))}; model "
-           f"`{cfg.model.name}` {json.dumps(cfg.model.params)}.",
+           f"- Data: {c.data_text(c, settings, splits)}, shards at {' x '.join(map(str, c.spacing))} mm.",
+           "- Models: " + "; ".join(models) + ".",
            f"- Training: {s['steps']} steps, {layout}; DeepSpeed `{Path(s['deepspeed_config']).name}` "
            f"(discriminator `{Path(s['discriminator_config']).name}`); seed {s['seed']}.",
            f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, load average "
@@ -86,6 +131,8 @@ def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
                    f"{r['load_avg_15min']} over the 15 min before it ended); end of training (mean of the last 5 "
                    f"logged steps; loss = the arm's whole objective): {ends or '-'}; validation Dice with the "
                    f"final weights {val or '-'}.")
-    out += ["", markdown_table(rows, arms_ok), "", verdict(rows, c.arms[0].name, c.arms[-1].name), "", c.caveat,
-            "", "### At a larger scale (GPU cluster): settings, not results", "", c.scale_up]
+    out += ["", markdown_table(rows, arms_ok), "", verdicts(rows, c.arms[0].name, c.arms[-1].name)]
+    if c.target is not None:
+        out += ["", c.target(rows)]
+    out += ["", c.caveat, "", "### At a larger scale (GPU cluster): settings, not results", "", c.scale_up]
     return "\n".join(out) + "\n"

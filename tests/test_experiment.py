@@ -243,3 +243,82 @@ def test_end_to_end_one_failing_arm_does_not_stop_the_other(tmp_path: Path) -> N
     text = md.read_text()
     assert PSOAS.heading in text and "| Dice plain |" in text and "train failed" in text
     assert (out / "arms" / "plain" / "run" / "training_curve.png").is_file()
+
+
+def test_arm_set_reaches_one_arm_only_and_round_trips(tmp_path: Path) -> None:
+    kidney = COMPARISONS["kidney-3d-vs-2d"]
+    argv = ["kidney-3d-vs-2d", "--out", str(tmp_path), "--set", "train.log_every=5",
+            "--arm-set", "3d:model.params.base_width=12"]
+    s = experiment.settings_from(_cli(argv), kidney)
+    assert s.arm_sets("3d") == ["train.log_every=5", "model.params.base_width=12"]
+    assert s.arm_sets("2d") == ["train.log_every=5"]
+    cmds = {a.name: experiment.train_cmd(kidney, s, a, tmp_path, tmp_path, 1) for a in kidney.arms}
+    cfgs = {name: _train_config(cmd) for name, cmd in cmds.items()}
+    assert cfgs["3d"].model.params["base_width"] == 12 and cfgs["2d"].model.params["base_width"] != 12
+    assert cfgs["3d"].train.log_every == cfgs["2d"].train.log_every == 5
+    again = shlex.split(experiment.reproduce_command(_cli(argv), s))
+    assert experiment.settings_from(_cli(again[4:]), kidney) == s
+    for bad, why in (("4d:model.params.base_width=3", "no arm '4d'"), ("3d-model.params.base_width", "ARM:")):
+        with pytest.raises(ValueError, match=why):
+            experiment.settings_from(_cli(["kidney-3d-vs-2d", "--out", "x", "--arm-set", bad]), kidney)
+
+
+def test_kidney_arms_differ_only_in_the_network(tmp_path: Path) -> None:
+    from ds_seg3d.models import build_layers, count_parameters
+
+    kidney = COMPARISONS["kidney-3d-vs-2d"]
+    s = Settings(steps=50, seed=3)
+    cmds = {a.name: experiment.train_cmd(kidney, s, a, tmp_path, tmp_path, 1) for a in kidney.arms}
+    a, b = (_train_config(cmds[n]).to_dict() for n in ("2d", "3d"))
+    assert {k for k in a if a[k] != b[k]} == {"model"}
+    assert (a["model"]["name"], b["model"]["name"]) == ("cnn2d", "unet3d")
+    counts = {}
+    for name, cmd in cmds.items():
+        cfg = _train_config(cmd)
+        counts[name] = count_parameters(build_layers(cfg.model.name, cfg.model.build_config(1, 2)))
+    assert abs(counts["2d"] / counts["3d"] - 1) <= 0.15, counts
+
+
+def test_kidney_target_sentence() -> None:
+    target = COMPARISONS["kidney-3d-vs-2d"].target
+    good = [{"arm": "3d", "case": f"c{i}", "label": "kidney", "dice": "0.96", "volume_error_pct": "2.0"}
+            for i in range(20)]
+    assert "MET here" in target(good) and "20/20" in target(good)
+    one_off = good[:19] + [{**good[0], "case": "c19", "volume_error_pct": "-6.0"}]
+    assert "MET here" in target(one_off)  # 19/20 = 95 %
+    two_off = one_off[:18] + [{**good[0], "case": "c18", "volume_error_pct": "7.5"}, one_off[19]]
+    assert "NOT MET" in target(two_off) and "18/20" in target(two_off)
+    low = [{**r, "dice": "0.94"} for r in good]
+    assert "NOT MET" in target(low)
+    assert "not measured" in target([{**r, "arm": "2d"} for r in good])
+
+
+def test_table_of_several_labels_keeps_them_apart() -> None:
+    rows = [{"arm": arm, "case": "ct_left", "label": label, "dice": str(d), "hd95_mm": hd,
+             "volume_pred_ml": "1", "volume_true_ml": "1", "volume_error_pct": str(e)}
+            for arm, label, d, hd, e in (("2d", "kidney", 0.8, "6.0", -10), ("3d", "kidney", 0.9, "3.0", 4),
+                                         ("2d", "psoas", 0.5, "inf", -50), ("3d", "psoas", 0.6, "9.0", 20))]
+    lines = experiment.markdown_table(rows, ["2d", "3d"]).splitlines()
+    assert "HD95 mm 3d" in lines[0]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert cells["ct_left kidney"] == ["0.800", "0.900", "6.0", "3.0", "-10.0", "+4.0"]
+    assert cells["ct_left psoas"][2:4] == ["inf", "9.0"]
+    mean_psoas = next(v for k, v in cells.items() if k.startswith("**mean psoas**"))
+    assert mean_psoas[:2] == ["0.500", "0.600"] and mean_psoas[4:] == ["50.0", "20.0"]
+    assert next(v for k, v in cells.items() if "under 5 % volume error kidney" in k)[-2:] == ["0/1", "1/1"]
+    text = experiment.verdicts(rows, "2d", "3d")
+    assert text.startswith("kidney: ") and "\n\npsoas: " in text
+
+
+def test_real_ct_data_commands_build_one_training_and_one_test_half(tmp_path: Path) -> None:
+    real = COMPARISONS["real-ct"]
+    s = Settings()
+    for name, cmd in real.data(real, s, tmp_path):
+        assert cmd[:2] == [sys.executable, "-m"] and cmd[2] == "data_tools"
+        assert data_tools_parser().parse_args(cmd[3:]).func(data_tools_parser().parse_args(cmd[3:])) == 0, name
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]) == len(manifest["splits"]["test"]) == 1
+    (case, image, label), = experiment.test_cases(tmp_path / "shards")
+    assert case in ("ct_left", "ct_right") and image.is_file() and label.is_file()
+    text = real.data_text(real, s, "1 train, 1 test")
+    assert "TotalSegmentator" not in text and "mirrored left half" in text
