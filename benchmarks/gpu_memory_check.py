@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-fraction", type=float, default=0.9, help="share of the GPU's memory to plan for")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per launched run")
     p.add_argument("--skip-next", action="store_true", help="do not launch the next cube up (saves time)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="after this many seconds only the largest predicted cubes are still launched")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: no CUDA device: this check needs a GPU", file=sys.stderr)
@@ -108,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["fit"] = measure(cube(spec, edge), args.out / f"{name}_ckpt{ckpt}_{edge}", args.timeout)
                 row["fit"]["predicted"] = tried[edge]
                 nxt = edge + step
-                if not args.skip_next and time.time() - t0 < 420:
+                if not args.skip_next and time.time() - t0 < 0.85 * args.budget_s:
                     pred_next = MemoryModel(cube(spec, nxt), "cuda").predict(cube(spec, nxt)).max_peak
                     row["next"] = measure(cube(spec, nxt), args.out / f"{name}_ckpt{ckpt}_{nxt}", args.timeout)
                     row["next"].update(edge=nxt, predicted=pred_next)
-                if ckpt == 0 and time.time() - t0 < 480:
+                if ckpt == 0 and time.time() - t0 < args.budget_s:
                     row["stages"] = stage_check(cube(spec, edge))
             results["runs"].append(row)
             print(json.dumps(row, default=str), flush=True)

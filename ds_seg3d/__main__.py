@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="label NIfTI files with a trained run (sliding windows)")
     predict.add_arguments(p)
     p.set_defaults(func=predict.run)
-    e = sub.add_parser("evaluate", help="Dice and volume agreement of label NIfTIs against reference labels")
+    e = sub.add_parser("evaluate", help="Dice, HD95 and volume agreement of label NIfTIs with reference labels (CSV, summary, Bland-Altman PNG)")
     evaluate.add_arguments(e)
     e.set_defaults(func=evaluate.run)
     from ds_seg3d.bench import plan, sweep

@@ -40,7 +40,7 @@ class DataConfig:
 @dataclasses.dataclass
 class ModelConfig:
     name: str = "unet3d"
-    """Network: one of ``ds_seg3d.models.MODEL_CONFIGS`` ("unet3d", "deep_cnn")."""
+    """Network: one of ``ds_seg3d.models.MODEL_CONFIGS`` ("unet3d", "deep_cnn", "cnn2d")."""
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Fields of that network's config dataclass (e.g. base_width, levels); the rest keep defaults."""
 

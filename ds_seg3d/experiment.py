@@ -145,6 +145,9 @@ def training_summary(run: Path) -> dict:
     train = [r for r in records if r["kind"] == "train"][-5:]
     out = {k: round(float(np.mean([r[k] for r in train])), 4) for k in ("loss", "adv_term", "d_acc_real",
                                                                           "d_acc_fake") if train and k in train[-1]}
+    every = [r for r in records if r["kind"] == "train" and "time" in r]
+    if len(every) >= 2 and every[-1]["step"] > every[0]["step"]:  # from the first logged step on: warm
+        out["s_per_step"] = round((every[-1]["time"] - every[0]["time"]) / (every[-1]["step"] - every[0]["step"]), 4)
     val = [r for r in records if r["kind"] == "val"]
     return {**out, "val_dice": val[-1]["dice"]} if val else out
 

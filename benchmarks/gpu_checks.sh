@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run on one GPU (about 9 minutes on an H100):
+#   1. memory: for the 25-layer CNN and the U-Net in bf16, the largest cube that trains with and without
+#      activation checkpointing, the planner's prediction beside each measured peak
+#      (benchmarks/gpu_memory_check.py);
+#   2. the kidney 3D-vs-2D comparison at a larger patch and width than on CPU: Dice, volume error and
+#      seconds per step of both arms (python -m ds_seg3d experiment kidney-3d-vs-2d).
+# Usage: benchmarks/gpu_checks.sh OUT [STEPS]   (OUT receives results.tgz and the two summaries)
+# Needs torch with CUDA, deepspeed, nibabel, h5py, hdf5plugin, scipy, matplotlib, tqdm importable, the
+# `deepspeed` launcher on PATH, and the repository on PYTHONPATH.
+set -uo pipefail
+OUT=${1:?usage: gpu_checks.sh OUT [STEPS]}
+STEPS=${2:-500}
+WORK=${WORK:-/tmp/gpu_checks}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+mkdir -p "$OUT" "$WORK"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$WORK/gpu.txt"
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$WORK/gpu.txt"
+
+echo "== 1. memory: largest trainable cube, predicted vs measured"
+start=$(date +%s)
+timeout 270 python3 benchmarks/gpu_memory_check.py --out "$WORK/memory" --timeout 90 --budget-s 200 \
+    2>&1 | tee "$WORK/memory.log" | grep -v "^\[20"
+echo "memory check: $(( $(date +%s) - start )) s"
+
+echo "== 2. kidney 3D vs 2D at patch 96x96x48, widths doubled, bf16, $STEPS steps"
+start=$(date +%s)
+timeout 330 python3 -m ds_seg3d experiment kidney-3d-vs-2d --out "$WORK/kidney" --cases 20 --steps "$STEPS" \
+    --ranks 1 --stages 1 --seed 0 --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \
+    --set data.patch=96,96,48 --set train.val_every=0 --set train.checkpoint_every=0 \
+    --arm-set 3d:model.params.base_width=16 --arm-set 3d:model.params.max_width=128 \
+    --arm-set 2d:model.params.base_width=28 --arm-set 2d:model.params.max_width=224 \
+    --write-md "$WORK/EXPERIMENTS_gpu.md" 2>&1 | tee "$WORK/kidney.log" | grep -v "^\[20"
+echo "kidney experiment: $(( $(date +%s) - start )) s"
+
+cp "$WORK/memory/results.json" "$OUT/memory_results.json" 2>/dev/null
+cp "$WORK/EXPERIMENTS_gpu.md" "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' --exclude='*.h5' --exclude='*.nii.gz' \
+    --exclude='checkpoints' --exclude='*.safetensors' . 2>/dev/null
+ls -la "$OUT"
