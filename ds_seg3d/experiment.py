@@ -7,9 +7,10 @@ in what its entry adds (arguments, or its own experiment TOML), and is scored on
 original NIfTI files against their labels. Another comparison is one more entry.
 
 DIR receives the data (phantoms/ or the scan's halves/), shards/, truth/, logs/, arms/<arm>/ (run, pred,
-logs, evaluation.csv and its summary and Bland-Altman plot), results.csv, results.md and summary.json;
-``--write-md`` replaces the comparison's own section of a markdown file. A failed arm is recorded and
-the other arms still run.
+logs, evaluation.csv and its summary and Bland-Altman plot), results.csv, results.md, summary.json and
+bland_altman.png (every arm); ``--write-md`` replaces the comparison's own section of a markdown file
+and copies the plot to ``experiments/results/`` beside it. A failed arm is recorded and the other arms
+still run. ``--report-only`` renders a finished comparison again from its summary and results.
 """
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ from tqdm import tqdm
 from ds_seg3d.comparisons import COMPARISONS
 from ds_seg3d.data.shard_format import MANIFEST_NAME, iter_cases, load_manifest
 from ds_seg3d.evaluate import FIELDS
+from ds_seg3d.evaluate_report import bland_altman_writer, write_atomically
 from ds_seg3d.experiment_spec import PY, Arm, Comparison, Settings, data_cmds  # noqa: F401 (re-exported)
 from ds_seg3d.experiment_report import markdown_table, section, verdict, verdicts  # noqa: F401 (re-exported)
 from ds_seg3d.report import machine, replace_section, write_text_atomic
 from ds_seg3d.run_log import METRICS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FIGURES = "experiments/results"
+"""Where ``--write-md`` puts the figures its section shows, relative to the markdown file."""
 INTRO = "# Experiments\n\nComparisons run end to end by `python -m ds_seg3d experiment NAME`; each section says how.\n"
 
 
@@ -206,17 +210,40 @@ def run_comparison(c: Comparison, s: Settings, out: Path, command: str, write_md
                "started": time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(began)),
                "minutes": round((time.time() - began) / 60, 1), "machine": host, "arms": records}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    report(c, out, write_md)
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def report(c: Comparison, out: Path, write_md: Path | None = None) -> None:
+    """Tables, verdict, plot and markdown from ``out/summary.json`` and ``out/results.csv`` (also on its own:
+    ``--report-only`` renders a finished comparison again without training anything)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        with open(out / "results.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out}: no finished comparison to report ({e})") from None
+    if summary.get("comparison") != c.name:
+        raise ValueError(f"{out / 'summary.json'}: holds {summary.get('comparison')!r}, not {c.name!r}")
+    if rows:
+        write_atomically({out / "bland_altman.png": bland_altman_writer(
+            [{**r, "label": f"{r['label']}, {r['arm']}"} for r in rows])})
     body = section(c, summary, rows)
     write_text_atomic(out / "results.md", f"{c.heading}\n\n{body}")
     if write_md is not None:
+        if rows:  # the volume agreement of every arm, kept beside the markdown that shows it
+            png = write_md.resolve().parent / FIGURES / f"{c.name}_bland_altman.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "bland_altman.png", png)
+            rel = os.path.relpath(png, write_md.resolve().parent)
+            body += f"\nVolume agreement per arm (Bland-Altman, test cases):\n\n![{c.name} Bland-Altman]({rel})\n"
         replace_section(write_md, c.heading, body, intro=INTRO)
         print(f"wrote the section {c.heading[3:]!r} of {write_md}")
-    print(markdown_table(rows, [r["arm"] for r in records if r["status"] == "ok"]))
+    print(markdown_table(rows, [r["arm"] for r in summary["arms"] if r["status"] == "ok"]))
     print(verdicts(rows, c.arms[0].name, c.arms[-1].name))
     if c.target is not None:
         print(c.target(rows))
     print(f"results: {out / 'results.csv'}, {out / 'results.md'} ({summary['minutes']} min)")
-    return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -235,6 +262,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arm-set", action="append", default=[], metavar="ARM:SECTION.FIELD=VALUE",
                    help="override for one arm only, e.g. --arm-set 2d:model.params.base_width=28")
     p.add_argument("--write-md", metavar="EXPERIMENTS.md", help="replace the comparison's section in this file")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: render the finished comparison in --out again (tables, plot, --write-md)")
 
 
 PATH_FLAGS = ("deepspeed_config", "discriminator_config", "hostfile")
@@ -286,6 +315,9 @@ def reproduce_command(args: argparse.Namespace, s: Settings) -> str:
 def run(args: argparse.Namespace) -> int:
     c = COMPARISONS[args.name]
     try:
+        if args.report_only:
+            report(c, Path(args.out).resolve(), Path(args.write_md) if args.write_md else None)
+            return 0
         s = settings_from(args, c)
         return run_comparison(c, s, Path(args.out), reproduce_command(args, s),
                               Path(args.write_md) if args.write_md else None)

@@ -322,3 +322,34 @@ def test_real_ct_data_commands_build_one_training_and_one_test_half(tmp_path: Pa
     assert case in ("ct_left", "ct_right") and image.is_file() and label.is_file()
     text = real.data_text(real, s, "1 train, 1 test")
     assert "TotalSegmentator" not in text and "mirrored left half" in text
+
+
+def test_report_only_renders_a_finished_comparison_with_its_plot(tmp_path: Path) -> None:
+    kidney = COMPARISONS["kidney-3d-vs-2d"]
+    out = tmp_path / "out"
+    out.mkdir()
+    rng = np.random.default_rng(4)
+    rows = [{"arm": arm, "case": f"kidney_{i:03d}", "label": "kidney", "dice": f"{0.8 + 0.1 * (arm == '3d'):.3f}",
+             "hd95_mm": "4.0", "volume_pred_ml": f"{100 + rng.normal(0, 5):.2f}", "volume_true_ml": "100",
+             "volume_error_pct": "1.0"} for arm in ("2d", "3d") for i in range(4)]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    arms = [{"arm": a, "description": a, "status": "ok", "seconds": {"train": 60.0}, "training": {"s_per_step": 1.5},
+             "load_avg_15min": 1.0} for a in ("2d", "3d")]
+    summary = {"comparison": kidney.name, "command": "python -m ds_seg3d experiment kidney-3d-vs-2d --out x",
+               "settings": dataclasses.asdict(Settings()), "splits": {"train": 13, "val": 1, "test": 4},
+               "started": "today", "minutes": 1.0, "machine": experiment.machine(), "arms": arms}
+    (out / "summary.json").write_text(json.dumps(summary))
+    md = tmp_path / "docs" / "EXPERIMENTS.md"
+    md.parent.mkdir()
+    code = experiment.run(_cli(["kidney-3d-vs-2d", "--out", str(out), "--report-only", "--write-md", str(md)]))
+    assert code == 0
+    png = md.parent / "experiments" / "results" / "kidney-3d-vs-2d_bland_altman.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "bland_altman.png").is_file()
+    text = md.read_text()
+    assert "](experiments/results/kidney-3d-vs-2d_bland_altman.png)" in text
+    assert "s_per_step 1.500" in text and "NOT MET" in text and "`cnn2d`" in text and "`unet3d`" in text
+    # another comparison's folder is refused, in one line
+    assert experiment.run(_cli(["real-ct", "--out", str(out), "--report-only"])) == 2
