@@ -109,6 +109,7 @@ def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
     arms_ok = [r["arm"] for r in summary["arms"] if r["status"] == "ok"]
     layout = (f"the hostfile's ranks as {s['stages']} pipeline stages x data parallel" if s["hostfile"] else
               f"{s['ranks']} ranks = {s['stages']} pipeline stages x {s['ranks'] // s['stages']} data-parallel")
+    adversarial = any("--adversarial" in arm.train_args(settings) for arm in c.arms)
     models = []
     for arm in c.arms:
         cfg = load_config(REPO_ROOT / c.arm_config(arm), settings.arm_sets(arm.name))
@@ -117,8 +118,9 @@ def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
     out = [c.question, "", "```", summary["command"], "```", "",
            f"- Data: {c.data_text(c, settings, splits)}, shards at {' x '.join(map(str, c.spacing))} mm.",
            "- Models: " + "; ".join(models) + ".",
-           f"- Training: {s['steps']} steps, {layout}; DeepSpeed `{Path(s['deepspeed_config']).name}` "
-           f"(discriminator `{Path(s['discriminator_config']).name}`); seed {s['seed']}.",
+           f"- Training: {s['steps']} steps, {layout}; DeepSpeed `{Path(s['deepspeed_config']).name}`"
+           + (f" (discriminator `{Path(s['discriminator_config']).name}`)" if adversarial else "")
+           + f"; seed {s['seed']}.",
            f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, load average "
            f"{m['load_avg'][0]} at the start (shared machine); Python {m['python']}, torch {m['torch']}, "
            f"deepspeed {m['deepspeed']}. Date: {summary['started']}. Wall clock: {summary['minutes']} min in all."]
