@@ -90,20 +90,27 @@ def limits(rows: list[dict], budget: int) -> list[str]:
             if not pts:
                 continue
             big = max(pts[0], key=lambda r: number(r, "measured_peak_bytes") or 0)
-            fixed = sum(number(big, k) or 0 for k in ("pred_pipe_buffers_bytes", "pred_working_bytes",
-                                                    "pred_profile_leftover_bytes"))
+            leftover = number(big, "pred_profile_leftover_bytes") or 0
+            fixed = sum(number(big, k) or 0 for k in ("pred_pipe_buffers_bytes", "pred_working_bytes")) + leftover
+            parts, best, exact = planner_best(model, e["p"])
+            reach = ("within the target" if best <= e["limit"] else "out of the target's reach for any split")
+            best_text = (f"the planner's best over every split is {parts} at {_mib(best)} MiB" if exact else
+                         f"no split gets the largest stage below {_mib(best)} MiB (planner: the cheapest last stage, "
+                         f"layers [{parts[1]}, {parts[2]}), alone)")
             out.append(
                 f"- **{model}, p = {e['p']}** (memory partition {e['memory']['boundaries']}, largest stage "
                 f"{_mib(e['memory']['largest'])} MiB against {_mib(e['limit'])} MiB"
                 + (f"; DeepSpeed's parameters split {e['parameters']['boundaries']}: "
                    f"{_mib(e['parameters']['largest'])} MiB" if "parameters" in e else "")
-                + f"): the largest stage (rank {big['rank']}) holds {_mib(number(big, 'pred_held_bytes'))} MiB of "
-                f"activations and pays {_mib(fixed)} MiB that do not shrink with p: the backward working set of its "
-                f"full-resolution convolutions and the loss ({_mib(number(big, 'pred_working_bytes'))}), DeepSpeed's "
-                f"pipe buffers ({_mib(number(big, 'pred_pipe_buffers_bytes'))}: receive and gradient buffers, loaded "
-                f"inputs and labels, the last stage's retained outputs) and the partition profile's leftover "
-                f"tensors ({_mib(number(big, 'pred_profile_leftover_bytes'))}). A layer is the smallest unit a split "
-                f"can move, and the full-resolution levels are the largest layers.")
+                + f"): {best_text}, {reach}. The largest stage (rank {big['rank']}) holds "
+                f"{_mib(number(big, 'pred_held_bytes'))} MiB of activations and pays {_mib(fixed)} MiB that do not "
+                f"shrink with p: the backward working set of its full-resolution layers and the loss "
+                f"({_mib(number(big, 'pred_working_bytes'))}) and DeepSpeed's pipe buffers "
+                f"({_mib(number(big, 'pred_pipe_buffers_bytes'))}: receive and gradient buffers, loaded inputs and "
+                f"labels, the last stage's retained outputs)"
+                + (f" and the partition profile's leftover tensors ({_mib(leftover)})" if leftover else "")
+                + ". A layer is the smallest unit a split can move, and the full-resolution levels are the largest "
+                "layers.")
     entries = largest_patch(rows, budget)
     if entries:
         out.append("- **Largest patch.** " + "; ".join(
@@ -111,6 +118,17 @@ def limits(rows: list[dict], budget: int) -> list[str]:
             for e in entries) + f" on {budget / MIB:.0f} MiB: it grows with p only as far as the largest stage "
             "shrinks, for the reasons above.")
     return out
+
+
+def planner_best(model: str, stages: int) -> tuple[list[int], int, bool]:
+    """The planner's best split of the sweep's network at p = ``stages``, m = 1 (``memory_model.best_split``)."""
+    from ds_seg3d.bench.memory_model import MemoryModel, best_split
+    from ds_seg3d.bench.spec import RunSpec
+    from ds_seg3d.bench.sweep import PATCH
+
+    params = UNET if model == "unet3d" else DEEP_CNN
+    spec = RunSpec(model=model, params=tuple(params.items()), patch=PATCH, stages=stages, ranks=stages)
+    return best_split(MemoryModel(spec), spec)
 
 
 def _mib(v: float | None) -> str:
@@ -132,8 +150,9 @@ def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: 
         f"is built, so parameters, optimizer states, DeepSpeed's buffers and activations are all counted). "
         f"Networks: U-Net {UNET}, deep CNN {DEEP_CNN} (and one wider, shallower deep CNN), 3 classes, patch 128 x 128 x "
         f"16 unless named. DeepSpeed configs: the shipped `pipeline_zero1_cpu_fp32.json` / `plain_zero3.json` with the "
-        f"point's ZeRO stage and precision, ZeRO buckets of 2^20 elements (one point keeps DeepSpeed's default 5e8) "
-        f"and the CSV monitor off. {acc['points']} points, {acc['rows']} rank peaks"
+        f"point's ZeRO stage and precision, ZeRO buckets of 2^20 elements"
+        + (" (one point keeps DeepSpeed's default 5e8)" if any("bucket=" in r["config"] for r in rows) else "")
+        + f" and the CSV monitor off. {acc['points']} points, {acc['rows']} rank peaks"
         + (f"; {len(set(r['config'] for r in rows if not str(r['status']).startswith('ok')))} failed" if acc["failed"]
            else "") + ".", "", "### Targets", "", *targets_markdown(rows, budget), "", "### Every rank of every point",
         "", "Bytes in MiB. *held*: activations x in-flight micro-batches (with checkpointing: checkpoint boundaries "
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory", help="sweep folder (CSV, PNG, md)")
     p.add_argument("--from", dest="source", type=Path, help="report on a folder `bench memory` already wrote")
     p.add_argument("--quick", action="store_true", help="the 15-point sweep (no largest-patch check)")
+    p.add_argument("--partition", action="store_true", help="with --quick: add every partition comparison point")
+    p.add_argument("--only-partition", action="store_true", help="the 10 partition comparison points only")
     p.add_argument("--budget-mib", type=int, default=BUDGET_MIB)
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--write-md", action="store_true", help=f'replace the "{SECTION}" section of --md')
@@ -174,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/bench_memory.py", *map(shlex.quote, shown)])
     loads = [" / ".join(f"{v:.2f}" for v in os.getloadavg())]
     folder = args.source
-    sweep = f"python -m ds_seg3d bench memory --out {args.source or args.out}{' --quick' if args.quick else ''}"
+    flags = ((["--quick"] if args.quick else []) + (["--partition"] if args.partition else [])
+             + (["--only-partition"] if args.only_partition else []))
+    sweep = f"python -m ds_seg3d bench memory --out {args.source or args.out}" + "".join(f" {f}" for f in flags)
     when = "when this report was written; the sweep ran earlier on the same shared machine"
     if folder is None:
         folder = args.out
         t0 = time.time()
         cmd = [sys.executable, "-m", "ds_seg3d", "bench", "memory", "--out", str(folder),
-               "--budget-mib", str(args.budget_mib), *(["--quick"] if args.quick else [])]
+               "--budget-mib", str(args.budget_mib), *flags]
         rc = subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if rc != 0:
             print(f"error: {' '.join(cmd)} exited with {rc}", file=sys.stderr)
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_mib * MIB
     from ds_seg3d.bench.report import write_report
 
-    write_report(rows, folder, budget=None if args.quick else budget)
+    write_report(rows, folder, budget=None if args.quick or args.only_partition else budget)
     text = section(rows, command, sweep, loads, when, budget)
     results = ROOT / "benchmarks" / "results"
     for chart in CHARTS:

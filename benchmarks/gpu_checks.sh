@@ -19,13 +19,13 @@ python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspee
 
 echo "== 1. memory: largest trainable cube, predicted vs measured"
 start=$(date +%s)
-timeout 270 python3 benchmarks/gpu_memory_check.py --out "$WORK/memory" --timeout 90 --budget-s 200 \
+timeout 230 python3 benchmarks/gpu_memory_check.py --out "$WORK/memory" --timeout 80 --budget-s 170 \
     2>&1 | tee "$WORK/memory.log" | grep -v "^\[20"
 echo "memory check: $(( $(date +%s) - start )) s"
 
 echo "== 2. kidney 3D vs 2D at patch 96x96x48, widths doubled, bf16, $STEPS steps"
 start=$(date +%s)
-timeout 330 python3 -m ds_seg3d experiment kidney-3d-vs-2d --out "$WORK/kidney" --cases 20 --steps "$STEPS" \
+timeout 310 python3 -m ds_seg3d experiment kidney-3d-vs-2d --out "$WORK/kidney" --cases 20 --steps "$STEPS" \
     --ranks 1 --stages 1 --seed 0 --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \
     --set data.patch=96,96,48 --set train.val_every=0 --set train.checkpoint_every=0 \
     --arm-set 3d:model.params.base_width=16 --arm-set 3d:model.params.max_width=128 \

@@ -18,7 +18,16 @@ from ds_seg3d.bench.measure import (
 )
 from ds_seg3d.bench.report import accuracy, largest_patch, partition_balance, write_report
 from ds_seg3d.bench.spec import RunSpec
-from ds_seg3d.bench.sweep import COLUMNS, Point, read_csv, rows_for, sweep_points, write_csv
+from ds_seg3d.bench.sweep import (
+    COLUMNS,
+    Point,
+    partition_points,
+    read_csv,
+    rows_for,
+    sweep_points,
+    with_partition_points,
+    write_csv,
+)
 
 MIB = 2**20
 
@@ -118,6 +127,20 @@ def _fake_rows(measured: dict[tuple[int, int], float], spec: RunSpec, group: str
         row["predicted_peak_bytes"] = int(round(factor * row["measured_peak_bytes"]))
         row["error_pct"] = round(100 * (row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1), 2)
     return rows
+
+
+def test_partition_points_compare_both_methods_for_both_networks():
+    pts = partition_points()
+    layouts = {(p.spec.model, p.spec.stages, p.spec.partition) for p in pts if p.spec.stages > 1}
+    assert layouts == {(m, s, k) for m in ("unet3d", "deep_cnn") for s in (2, 4) for k in ("memory", "parameters")}
+    assert {(p.spec.model, p.spec.stages) for p in pts if p.spec.stages == 1} == {("unet3d", 1), ("deep_cnn", 1)}
+    assert all(p.spec.micro_batches == 1 and p.spec.ranks == p.spec.stages for p in pts)
+    quick = sweep_points(quick=True)
+    merged = with_partition_points(quick)
+    labels = [p.spec.label() for p in merged]
+    assert len(labels) == len(set(labels)) and merged[: len(quick)] == quick
+    assert {p.spec.label() for p in pts} <= set(labels)
+    assert with_partition_points(sweep_points(quick=False)) == sweep_points(quick=False)
 
 
 def test_targets_are_computed_from_rows_and_reports_are_written(tmp_path):

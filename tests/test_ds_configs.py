@@ -65,6 +65,24 @@ def test_precision_and_zero_of_each_file():
     assert (cpu.zero_optimization_stage, gpu.zero_optimization_stage, plain.zero_optimization_stage) == (1, 1, 3)
 
 
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_zero_buckets_are_sized_for_small_3d_cnns(name):
+    """DeepSpeed's default buckets (5e8 elements) are two 2 GB fp32 buffers per rank; these models
+    have a few million parameters, so the shipped files ask for buckets of at most 1e8."""
+    cfg = load_ds_config(CONFIG_DIR / name)
+    zero = cfg["zero_optimization"]
+    parsed = DeepSpeedConfig(copy.deepcopy(cfg)).zero_config
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        assert 10**6 <= zero[key] <= 10**8
+        assert getattr(parsed, key) == zero[key]
+    from ds_seg3d.bench.spec import PIPELINE_CONFIG, RunSpec, config_bucket, shipped_bucket
+
+    assert config_bucket(cfg) == zero["reduce_bucket_size"]
+    if name == PIPELINE_CONFIG.name:
+        assert shipped_bucket() == zero["reduce_bucket_size"]
+    assert RunSpec(bucket=None).bucket_elements == 500_000_000  # None still measures DeepSpeed's default
+
+
 def test_fill_batch_fields_applies_overrides_without_touching_the_input():
     cfg = load_ds_config(CONFIG_DIR / "pipeline_zero1_cpu_fp32.json")
     before = copy.deepcopy(cfg)

@@ -128,6 +128,16 @@ def test_deepspeeds_default_bucket_moves_the_peak_to_gradient_reduction():
     assert pred.max_peak - small.max_peak > 4 * DEEPSPEED_BUCKET
 
 
+def test_bucket_term_follows_the_runs_deepspeed_config():
+    from ds_seg3d.bench.spec import config_bucket
+
+    for bucket in (1 << 16, 1 << 20, None):
+        spec = TINY.with_(stages=2, ranks=2, bucket=bucket)
+        elements = config_bucket(spec.ds_config())
+        assert elements == (DEEPSPEED_BUCKET if bucket is None else bucket)
+        assert states_bytes(1000, spec).bucket == 4 * elements
+
+
 def test_largest_patch_grows_when_the_budget_does():
     model = MemoryModel(TINY)
     spec = TINY.with_(stages=2, ranks=2)

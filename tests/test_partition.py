@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.unet3d import UNet3DConfig
 from ds_seg3d.parallel.partition import (
+    LayerProfile,
     check_boundaries,
     compare_partitions,
     memory_partition,
@@ -22,6 +24,7 @@ from ds_seg3d.parallel.partition import (
     profile_layers,
     profile_partition,
     scale_profile,
+    stage_fixed_bytes,
     uniform_partition,
 )
 from ds_seg3d.parallel.topology import in_flight
@@ -52,6 +55,58 @@ def test_profile_of_conv_relu_conv():
     assert [p.input_bytes for p in prof] == [1 * voxels * F32, 2 * voxels * F32, 2 * voxels * F32]
     assert [p.output_bytes for p in prof] == [2 * voxels * F32, 2 * voxels * F32, 3 * voxels * F32]
     assert [p.param_bytes for p in prof] == [(2 * 27 + 2) * F32, 0, (3 * 2 + 3) * F32]
+    # the largest storage each layer saves, counted before or not: c2's is relu's output
+    assert [p.largest_bytes for p in prof] == [1 * voxels * F32, 2 * voxels * F32, 2 * voxels * F32]
+
+
+class SavesItsOutput(nn.Module):
+    """sigmoid saves its own result: output -> grad_fn -> saved output, a cycle through autograd."""
+
+    seen: list[weakref.ref] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        inner = torch.exp(x * self.scale)  # exp saves its result too: an intermediate, not an output
+        out = torch.sigmoid(inner)
+        SavesItsOutput.seen += [weakref.ref(inner), weakref.ref(out)]
+        return out
+
+
+def test_profile_releases_every_tensor_it_saw():
+    SavesItsOutput.seen = []
+    defs = [_def(nn.Conv3d, 1, 2, 3, padding=1), _def(SavesItsOutput), _def(SavesItsOutput)]
+    prof = profile_layers(defs, (1, 1, 8, 8, 8))
+    assert len(SavesItsOutput.seen) == 4 and prof[1].saved_bytes > 0
+    # nothing needs the collector: reference counting alone frees every saved tensor and output
+    assert all(ref() is None for ref in SavesItsOutput.seen)
+
+
+def test_profile_leaves_no_live_tensor_bytes():
+    from ds_seg3d.bench.measure import PeakTracker
+
+    defs = build_layers("unet3d", UNet3DConfig(levels=3, base_width=4, convs_per_level=1))
+    tracker = PeakTracker().start()
+    with tracker.window("profile"):
+        profile_layers(defs, (1, 1, 16, 16, 16))
+    tracker.stop()
+    window = tracker.result("profile")
+    assert window.peak > window.start  # the profile did allocate
+    assert window.end == window.start
+
+
+def test_profile_counts_shared_storages_once_and_distinct_ones_apart():
+    # two identical layers: their intermediates may reuse freed addresses, but each layer's own
+    # saved tensors are distinct and must be counted for each
+    defs = [_def(SavesItsOutput), _def(SavesItsOutput)]
+    voxels = 4 * 4 * 4
+    prof = profile_layers(defs, (1, 1, 4, 4, 4))
+    # each layer saves x (for the mul's scale gradient), exp's result and its sigmoid output; layer 2's
+    # x is layer 1's output, already counted
+    assert prof[0].saved_bytes == 3 * voxels * F32
+    assert prof[1].saved_bytes == 2 * voxels * F32
 
 
 def test_profile_leaves_rng_alone_and_rejects_integer_activations():
@@ -198,3 +253,54 @@ def test_real_unet_profile_and_table():
     assert len(table.splitlines()) == 2 + len(rows)
     assert f"boundaries={splits['memory']}" in table
     assert prof[0].name in table
+
+
+# ---------------------------------------------------------------- what a stage holds once
+
+
+def _layer(saved, inp, out, largest=0):
+    return LayerProfile(name="l", saved_bytes=saved, input_bytes=inp, output_bytes=out, param_bytes=0,
+                        largest_bytes=largest)
+
+
+def test_stage_fixed_bytes_terms():
+    prof = [_layer(30, 1, 2, 5), _layer(20, 2, 3, 7), _layer(10, 3, 4, 1)]
+    # first stage: no receive buffers; sends, so the next stage's gradient arrives in output[1]
+    assert stage_fixed_bytes(prof, 0, 2) == 3 + max(1 + 2 + 5, 2 + 3 + 7)
+    # middle: receive buffer and forward clone (2 x input), gradient buffer, working set
+    middle = [_layer(1, 1, 1), *prof]
+    assert stage_fixed_bytes(middle, 1, 3) == 2 * 1 + 3 + max(1 + 2 + 5, 2 + 3 + 7)
+    # last: the loss's logits-sized tensors instead of a gradient buffer
+    assert stage_fixed_bytes(prof, 2, 3, loss_tensors=5) == 2 * 3 + (3 + 4 + 1) + 5 * 4
+    assert stage_fixed_bytes(prof, 0, 3, loss_tensors=0) == max(1 + 2 + 5, 2 + 3 + 7, 3 + 4 + 1)
+
+
+def _peak(prof, parts, micro):
+    return max(r.peak_activation_bytes for r in predicted_stage_bytes(prof, parts, micro))
+
+
+def test_profile_partition_is_optimal_for_its_cost_on_random_profiles():
+    rng = random.Random(3)
+    for _ in range(120):
+        n = rng.randint(1, 7)
+        stages = rng.randint(1, min(n, 4))
+        micro = rng.randint(1, 4)
+        prof = [_layer(rng.randint(0, 100), rng.randint(1, 40), rng.randint(1, 40), rng.randint(0, 60))
+                for _ in range(n)]
+        parts = profile_partition(prof, stages, micro)
+        check_boundaries(parts, n, stages)
+        best = min(_peak(prof, [0, *cuts, n], micro) for cuts in itertools.combinations(range(1, n), stages - 1))
+        assert _peak(prof, parts, micro) == best
+
+
+def test_the_loss_and_full_resolution_tail_push_layers_off_the_last_stage():
+    # a deep-CNN-like profile: 20 equal low-resolution layers, then a full-resolution upsampling
+    # layer and a head whose logits feed the loss
+    body = [_layer(2, 1, 1, 1) for _ in range(20)]
+    prof = [*body, _layer(16, 1, 8, 8), _layer(0, 8, 3, 8)]
+    held_only = memory_partition([p.saved_bytes for p in prof], 2, 1, [p.input_bytes for p in prof])
+    full = profile_partition(prof, 2, 1)
+    assert full[1] > held_only[1], "the last stage should get fewer layers once its loss is counted"
+    assert _peak(prof, full, 1) < _peak(prof, held_only, 1)
+    rows = predicted_stage_bytes(prof, full, 1)
+    assert rows[-1].fixed_bytes > rows[0].fixed_bytes

@@ -7,7 +7,8 @@ import pytest
 
 from ds_seg3d.__main__ import main
 from ds_seg3d.bench.plan import Candidate, candidates
-from ds_seg3d.bench.spec import RunSpec
+from ds_seg3d.bench.spec import DEEPSPEED_BUCKET, RunSpec
+from ds_seg3d.parallel.ds_config import load_ds_config
 
 TINY = ["--model", "unet3d", "--set", "model.params.levels=2", "--set", "model.params.base_width=4",
         "--set", "model.params.max_width=8", "--patch", "32", "32", "8", "--bucket", "65536", "--device", "cpu"]
@@ -77,11 +78,24 @@ def test_plan_keeps_only_what_fits_and_says_when_nothing_does(capsys):
 def test_plan_warns_when_deepspeeds_default_bucket_dominates(capsys):
     args = [a for a in TINY if a not in ("--bucket", "65536")]
     rc = main(["plan", "--budget-gb", "8", "--ranks", "2", "--stages", "2", "--micro-batches", "2", "--checkpoint", "0",
-               "--zero", "1", "--partitions", "memory", "--deepspeed-config", "ds_configs/pipeline_zero1_cpu_fp32.json",
-               *args])
+               "--zero", "1", "--partitions", "memory", "--bucket", str(DEEPSPEED_BUCKET), *args])
     out = capsys.readouterr().out
     assert rc == 0 and "ZeRO bucket 500,000,000 elements" in out
     assert "gradient reduction" in out and "note: DeepSpeed's ZeRO bucket" in out
+
+
+@pytest.mark.parametrize("config", [None, "ds_configs/pipeline_zero1_cpu_fp32.json", "ds_configs/pipeline_zero1_gpu_bf16.json"])
+def test_plan_reads_the_bucket_from_the_deepspeed_config(capsys, config):
+    args = [a for a in TINY if a not in ("--bucket", "65536")]
+    if config is not None:
+        args += ["--deepspeed-config", config]
+    rc = main(["plan", "--budget-gb", "8", "--ranks", "2", "--stages", "2", "--micro-batches", "2", "--checkpoint", "0",
+               "--zero", "1", "--partitions", "memory", *args])
+    out = capsys.readouterr().out
+    path = config or "ds_configs/pipeline_zero1_cpu_fp32.json"
+    elements = load_ds_config(path)["zero_optimization"]["reduce_bucket_size"]
+    assert elements < DEEPSPEED_BUCKET
+    assert rc == 0 and f"ZeRO bucket {elements:,} elements" in out
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -14,8 +14,9 @@ Adam's two moments, divided over the data-parallel replicas from ZeRO-1 on; grad
 during backward up to ZeRO-1, partitioned from ZeRO-2 on; ZeRO-3 also partitions the parameters
 and keeps one bucket allocated between steps. The stage boundaries are the ones
 ``build_pipeline`` will compute (``stage_profile`` + ``profile_partition``, or DeepSpeed's own
-methods), and ``predicted_stage_bytes`` supplies the partition's per-micro-batch activation
-figure that the breakdown shows beside the calibrated total.
+methods), and the partition's per-micro-batch activation figure (stage input + saved tensors) is
+shown beside the calibrated total. ``best_split`` runs the same minimax search as the partition over
+the planner's own stage peaks, to show how far a split chosen from the profile alone is from the best.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from ds_seg3d.bench.calibrate import StageCalibrator, StageKey
 from ds_seg3d.bench.measure import PeakTracker
 from ds_seg3d.bench.spec import RunSpec
 from ds_seg3d.models import DeepCNNConfig, UNet3DConfig, count_parameters
-from ds_seg3d.parallel.partition import LayerProfile, predicted_stage_bytes, profile_partition
+from ds_seg3d.parallel.partition import LayerProfile, minimax_split, check_boundaries, profile_partition
 from ds_seg3d.parallel.topology import in_flight
 
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2}
@@ -193,32 +194,32 @@ class MemoryModel:
         """Every stage's peak for ``spec`` (``boundaries`` overrides the partition's own split)."""
         self._compatible(spec)
         parts = list(boundaries) if boundaries is not None else self.boundaries(spec)
+        check_boundaries(parts, len(self.defs), len(parts) - 1)
+        return Prediction(spec, parts, [self.predict_stage(spec, a, b, s)
+                                        for s, (a, b) in enumerate(zip(parts, parts[1:]))])
+
+    def predict_stage(self, spec: RunSpec, start: int, stop: int, stage: int) -> StagePrediction:
+        """One stage's peak: it depends on its own layers and position only, not on the other cuts."""
+        self._compatible(spec)
         profile, leftover = self.profile(spec)
         if spec.plain:
             leftover = 0
-        rows = predicted_stage_bytes(profile, parts, spec.micro_batches)
-        z = spec.patch[-1]
-        out = []
-        for row in rows:
-            s = row.stage
-            n = 1 if spec.plain else in_flight(s, spec.stages, spec.micro_batches)
-            key = StageKey(row.start, row.stop, spec.stages, s, spec.micro_batches, spec.checkpoint, spec.plain,
-                           spec.plain and spec.zero == 3)
-            act = self.calibrator(key)
-            peak_act, rest = act.at(z)
-            per_micro = row.activation_bytes
-            held = n * (self._checkpoint_boundaries(profile, row.start, row.stop, spec.checkpoint)
-                        if spec.checkpoint else per_micro)
-            count = sum(self.param_counts[row.start:row.stop])
-            st = states_bytes(count, spec)
-            backward = peak_act + st.persistent + st.grads + st.buckets_backward
-            reduce = rest + st.persistent + st.grads + st.buckets_reduce
-            phase, peak = ("backward", backward) if backward >= reduce else ("gradient reduction", reduce)
-            out.append(StagePrediction(
-                stage=s, start=row.start, stop=row.stop, in_flight=n, activation_per_micro=per_micro, held=held,
-                pipe_buffers=rest, working=peak_act - rest - held, states=st, profile_leftover=leftover,
-                phase=phase, peak=peak + leftover, param_count=count))
-        return Prediction(spec, parts, out)
+        n = 1 if spec.plain else in_flight(stage, spec.stages, spec.micro_batches)
+        key = StageKey(start, stop, spec.stages, stage, spec.micro_batches, spec.checkpoint, spec.plain,
+                       spec.plain and spec.zero == 3)
+        peak_act, rest = self.calibrator(key).at(spec.patch[-1])
+        per_micro = profile[start].input_bytes + sum(p.saved_bytes for p in profile[start:stop])
+        held = n * (self._checkpoint_boundaries(profile, start, stop, spec.checkpoint)
+                    if spec.checkpoint else per_micro)
+        count = sum(self.param_counts[start:stop])
+        st = states_bytes(count, spec)
+        backward = peak_act + st.persistent + st.grads + st.buckets_backward
+        reduce = rest + st.persistent + st.grads + st.buckets_reduce
+        phase, peak = ("backward", backward) if backward >= reduce else ("gradient reduction", reduce)
+        return StagePrediction(
+            stage=stage, start=start, stop=stop, in_flight=n, activation_per_micro=per_micro, held=held,
+            pipe_buffers=rest, working=peak_act - rest - held, states=st, profile_leftover=leftover,
+            phase=phase, peak=peak + leftover, param_count=count)
 
     @staticmethod
     def _checkpoint_boundaries(profile: Sequence[LayerProfile], start: int, stop: int, interval: int) -> int:
@@ -244,3 +245,24 @@ class MemoryModel:
             elif max(st.peak - st.profile_leftover for st in pred.stages) > budget:
                 break
         return best
+
+
+def best_split(model: MemoryModel, spec: RunSpec, max_stage_keys: int = 80) -> tuple[list[int], int, bool]:
+    """(boundaries, largest stage peak, exact) of the split that minimises the planner's largest peak.
+
+    Exact when at most ``max_stage_keys`` distinct stages need calibrating (each is a replay on two
+    slabs); otherwise a lower bound no split can beat: the cheapest first stage and the cheapest
+    last stage, each on its own (boundaries then name the cheapest last stage's start).
+    """
+    n, p = len(model.defs), spec.stages
+    keys = sum(1 for s in range(p) for a in range(s, n) for b in range(a + 1, n + 1)
+               if (s == 0) == (a == 0) and (s == p - 1) == (b == n) and b - a <= n - p + 1)
+    peak = lambda s, a, b: model.predict_stage(spec, a, b, s).peak  # noqa: E731
+    if p == 1:
+        return [0, n], peak(0, 0, n), True
+    if keys <= max_stage_keys:
+        parts = minimax_split(n, p, peak)
+        return parts, max(peak(s, a, b) for s, (a, b) in enumerate(zip(parts, parts[1:]))), True
+    first = min(peak(0, 0, b) for b in range(1, n - p + 2))
+    last_start = min(range(p - 1, n), key=lambda a: peak(p - 1, a, n))
+    return [0, last_start, n], max(first, peak(p - 1, last_start, n)), False

@@ -134,7 +134,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partitions", nargs="+", default=["memory", "parameters"], choices=("memory", "parameters", "uniform"))
     p.add_argument("--zero", type=int, nargs="+", default=[1, 0], choices=(0, 1), help="ZeRO stages (pipeline: 0, 1)")
     p.add_argument("--deepspeed-config", type=Path, help="DeepSpeed JSON whose ZeRO bucket size to plan with")
-    p.add_argument("--bucket", type=int, help="ZeRO reduce bucket in elements (overrides the JSON; default 5e8)")
+    p.add_argument("--bucket", type=int, help="ZeRO reduce bucket in elements (overrides the JSON; default: the JSON's, else the shipped "
+                        "pipeline config's)")
     p.add_argument("--classes", type=int, default=3, help="output classes, background included")
     p.add_argument("--device", default=None, help="device to calibrate on (default: cuda when available)")
     p.add_argument("--top", type=int, default=8, help="configurations to print")
@@ -146,10 +147,12 @@ def base_spec(args: argparse.Namespace) -> RunSpec:
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
     bucket = args.bucket
-    if bucket is None and args.deepspeed_config is not None:
+    if bucket is None:
+        from ds_seg3d.bench.spec import config_bucket, shipped_bucket
         from ds_seg3d.parallel.ds_config import load_ds_config
 
-        bucket = (load_ds_config(args.deepspeed_config).get("zero_optimization") or {}).get("reduce_bucket_size")
+        bucket = (config_bucket(load_ds_config(args.deepspeed_config)) if args.deepspeed_config is not None
+                  else shipped_bucket())
     if args.ranks < 1:
         raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
     return RunSpec(model=cfg.model.name, params=tuple(cfg.model.params.items()),

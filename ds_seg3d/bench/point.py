@@ -101,7 +101,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     device = torch.device(get_accelerator().device_name(get_accelerator().current_device()))
     tracker = PeakTracker(device).start()
     engine, module, boundaries, stage = build(spec)
-    gc.collect()  # the partition profile leaves reference cycles; training's collector frees them later
+    gc.collect()  # start the measured steps from a collected heap
     data = MicroBatches(spec, device)
     step = (lambda: plain_step(engine, spec, data)) if spec.plain else (lambda: float(engine.train_batch(data)))
     rss_base = rss_bytes()

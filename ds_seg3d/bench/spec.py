@@ -107,7 +107,8 @@ class RunSpec:
 
     @property
     def bucket_elements(self) -> int:
-        return DEEPSPEED_BUCKET if self.bucket is None else self.bucket
+        """The reduce bucket the run's DeepSpeed config asks for (what the planner's bucket term uses)."""
+        return config_bucket(self.ds_config())
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -188,6 +189,17 @@ class RunSpec:
     @classmethod
     def from_json(cls, text: str) -> "RunSpec":
         return cls.from_dict(json.loads(text))
+
+
+def config_bucket(ds_config: dict[str, Any]) -> int:
+    """ZeRO's gradient reduce bucket (elements) under a DeepSpeed config: its
+    ``zero_optimization.reduce_bucket_size``, or DeepSpeed's default when it has none."""
+    return int((ds_config.get("zero_optimization") or {}).get("reduce_bucket_size", DEEPSPEED_BUCKET))
+
+
+def shipped_bucket() -> int:
+    """The bucket of the shipped pipeline config, what ``ds_seg3d.train`` runs with by default."""
+    return config_bucket(load_ds_config(PIPELINE_CONFIG))
 
 
 def _hashable(value: Any) -> Any:

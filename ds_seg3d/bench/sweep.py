@@ -83,6 +83,25 @@ def sweep_points(quick: bool) -> list[Point]:
     return pts
 
 
+def partition_points() -> list[Point]:
+    """The partition comparison: both networks at p = 1, 2, 4 and m = 1, memory beside DeepSpeed's
+    default ("parameters") split, enough to check the balance target without the rest of the sweep."""
+    u = RunSpec(model="unet3d", params=tuple(UNET.items()), patch=PATCH)
+    d = RunSpec(model="deep_cnn", params=tuple(DEEP_CNN.items()), patch=PATCH)
+    pts = []
+    for base in (u, d):
+        pts.append(Point(base, "scaling"))
+        for p in (2, 4):
+            pts += [Point(base.with_(stages=p, ranks=p, partition=m), "scaling") for m in ("memory", "parameters")]
+    return pts
+
+
+def with_partition_points(points: list[Point]) -> list[Point]:
+    """``points`` plus the partition comparison points they lack."""
+    have = {p.spec.label() for p in points}
+    return points + [p for p in partition_points() if p.spec.label() not in have]
+
+
 def budget_points(model: Any, budget: int, stage_counts: tuple[int, ...] = (1, 2, 4)) -> list[Point]:
     """For each p (m = 1, memory partition): the largest patch Z the planner says fits ``budget``,
     and the next Z up, on a grid of ``BUDGET_STEP`` (the deep CNN: 25 layers to split)."""
@@ -255,6 +274,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="15 points, every swept dimension at least once (12 min on 2 shared cores)")
     p.add_argument("--budget-mib", type=int, default=BUDGET_MIB,
                    help="per-rank budget of the largest-patch check (full sweep only)")
+    p.add_argument("--partition", action="store_true",
+                   help="add every partition comparison point (both networks, p = 1, 2, 4, m = 1) to --quick")
+    p.add_argument("--only-partition", action="store_true",
+                   help="run the partition comparison points only (10 points)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as timed out")
 
 
@@ -262,13 +285,16 @@ def run(args: argparse.Namespace) -> int:
     from ds_seg3d.bench.report import write_report
 
     predictor = Predictor()
-    points = sweep_points(args.quick)
+    points = partition_points() if args.only_partition else sweep_points(args.quick)
+    if args.partition:
+        points = with_partition_points(points)
+    quick = args.quick or args.only_partition
     budget = args.budget_mib * 2**20
-    if not args.quick:
+    if not quick:
         budget_model = predictor.model(next(p.spec for p in points if p.spec.model == "deep_cnn"))
         points += budget_points(budget_model, budget)
     rows = run_sweep(points, args.out, args.timeout, predictor=predictor)
-    write_report(rows, args.out, budget=None if args.quick else budget)
+    write_report(rows, args.out, budget=None if quick else budget)
     failed = sum(1 for r in rows if not str(r["status"]).startswith("ok"))
     print(f"{len(points)} points, {len(rows)} rows ({failed} failed): {args.out / 'memory.csv'}, "
           f"{args.out / 'memory.png'}, {args.out / 'memory.md'}")

@@ -5,23 +5,26 @@ is the wrong quantity: the full-resolution layers hold almost all activation byt
 parameters, and under the 1F1B schedule stage s keeps ``min(stages - s, micro_batches)``
 micro-batches of activations alive. This module measures what each layer keeps for backward on a
 small input, scales it to the real patch size, and picks the contiguous split that minimises the
-largest ``activation bytes x in-flight micro-batches`` of any stage.
+largest peak any stage is predicted to reach.
 
-Cost model of one stage holding layers ``[a, b)`` for one micro-batch::
+Cost model of one stage holding layers ``[a, b)`` with ``n`` micro-batches in flight::
 
-    input_bytes[a] + sum(saved_bytes[a:b])
+    n * (input_bytes[a] + sum(saved_bytes[a:b])) + stage_fixed_bytes(a, b)
 
 ``saved_bytes`` counts each storage once, at the first layer that saves it for backward (a ReLU's
 output saved again by the next conv is not counted twice); ``input_bytes[a]`` is the stage's own
 copy of what it received (the pipe buffer DeepSpeed keeps until backward), which is where U-Net
-skips crossing a boundary show up. Parameters, gradients and optimizer states are reported apart.
+skips crossing a boundary show up. ``stage_fixed_bytes`` is what a stage holds once: receive and
+gradient buffers, the backward working set of its largest layer, and on the last stage the loss.
+Parameters, gradients and optimizer states are reported apart. The planner
+(``ds_seg3d.bench.memory_model``) replays each stage exactly; this model only has to rank splits.
 
 Pure torch: no DeepSpeed import, so the planner can use it without launching anything.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any, Protocol
@@ -30,6 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from ds_seg3d.parallel.topology import in_flight
+
+LOSS_TENSORS = 8.0
+"""Logits-sized tensors the last stage holds for the loss (see ``stage_fixed_bytes``)."""
 
 
 class LayerLike(Protocol):
@@ -53,6 +59,9 @@ class LayerProfile:
     """Float tensors the layer returns (what crosses a stage boundary after it)."""
     param_bytes: int
     """Trainable and frozen parameters and buffers (model state, independent of the input size)."""
+    largest_bytes: int = 0
+    """The largest single storage the layer saves for backward (already counted or not): its
+    gradient is in flight while the layer's backward runs."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +76,14 @@ class StageBytes:
     in_flight: int
     """Micro-batches held at the 1F1B peak."""
     param_bytes: int
+    fixed_bytes: int = 0
+    """Held once, whatever the in-flight count: pipe buffers, backward working set, the loss
+    (see ``stage_fixed_bytes``)."""
 
     @property
     def peak_activation_bytes(self) -> int:
         """The quantity the memory partition balances."""
-        return self.activation_bytes * self.in_flight
+        return self.activation_bytes * self.in_flight + self.fixed_bytes
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -94,6 +106,10 @@ def _layer_name(index: int, layer_def: LayerLike) -> str:
     return getattr(layer_def, "name", "") or f"{layer_def.cls.__name__}{index}"
 
 
+def _never_unpacked(packed: Any) -> Tensor:
+    raise RuntimeError("profile_layers runs no backward pass; its graph holds placeholders only")
+
+
 def profile_layers(
     defs: Sequence[LayerLike],
     sample_input_shape: Sequence[int],
@@ -109,26 +125,37 @@ def profile_layers(
     if len(defs) == 0:
         raise ValueError("cannot profile an empty list of layers")
     profiles: list[LayerProfile] = []
-    keep_alive: list[Any] = []  # every output stays referenced so storage addresses are never reused
+    # Every layer output stays referenced until the end, so an address counted as a saved output is
+    # never reused by a later tensor; saved intermediates are released after their own layer.
+    keep_alive: list[Any] = []
     counted: set[int] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         x: Any = torch.randn(tuple(sample_input_shape), dtype=dtype, device=device)
+        keep_alive.append(x)
         for index, layer_def in enumerate(defs):
             layer = layer_def.cls(*layer_def.args, **layer_def.kwargs).to(device=device, dtype=dtype).train()
             state = list(chain(layer.parameters(), layer.buffers()))
             state_ptrs = {t.untyped_storage().data_ptr() for t in state}
             saved: dict[int, int] = {}
+            largest = 0
+            held: list[Tensor] = []  # this layer's saved tensors: no address is reused while it runs
 
-            def pack(t: Tensor) -> Tensor:
+            def pack(t: Tensor) -> None:
+                # The graph gets a placeholder, not the tensor: no backward runs here, and a saved
+                # output would otherwise form a cycle (tensor -> grad_fn -> tensor) that outlives
+                # the profile and stays allocated during training.
+                nonlocal largest
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
                 if storage.nbytes() and ptr not in state_ptrs:
                     saved.setdefault(ptr, storage.nbytes())
-                return t
+                    largest = max(largest, storage.nbytes())
+                    held.append(t)
+                return None
 
             input_bytes = _unique_bytes([t for t in _tensors(x) if t.is_floating_point()])
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                 x = layer(x)
             outputs = _tensors(x)
             for t in outputs:
@@ -138,8 +165,10 @@ def profile_layers(
                         "only float tensors may travel between pipeline stages"
                     )
             new = {ptr: n for ptr, n in saved.items() if ptr not in counted}
-            counted.update(new)
             keep_alive.append(x)
+            alive = {t.untyped_storage().data_ptr() for t in chain.from_iterable(_tensors(v) for v in keep_alive)}
+            counted = {ptr for ptr in counted | set(new) if ptr in alive}
+            held.clear()
             profiles.append(
                 LayerProfile(
                     name=_layer_name(index, layer_def),
@@ -147,6 +176,7 @@ def profile_layers(
                     input_bytes=input_bytes,
                     output_bytes=_unique_bytes(outputs),
                     param_bytes=sum(t.numel() * t.element_size() for t in state),
+                    largest_bytes=largest,
                 )
             )
     return profiles
@@ -172,7 +202,7 @@ def scale_profile(
 
     return [
         replace(p, saved_bytes=scaled(p.saved_bytes), input_bytes=scaled(p.input_bytes),
-                output_bytes=scaled(p.output_bytes))
+                output_bytes=scaled(p.output_bytes), largest_bytes=scaled(p.largest_bytes))
         for p in profile
     ]
 
@@ -189,31 +219,23 @@ def check_boundaries(boundaries: Sequence[int], num_layers: int, stages: int) ->
     return parts
 
 
-def _minimax_split(
-    weights: Sequence[int], stages: int, factors: Sequence[int], entry: Sequence[int] | None
+def minimax_split(
+    n: int, stages: int, cost: Callable[[int, int, int], float]
 ) -> list[int]:
-    """Exact DP over contiguous splits minimising max_s factors[s] * (entry[a_s] + sum(weights[a_s:b_s]))."""
-    n = len(weights)
+    """Exact DP over contiguous splits of ``n`` layers minimising max_s cost(s, a_s, b_s) (any stage cost)."""
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
     if n < stages:
         raise ValueError(f"cannot split {n} layers into {stages} non-empty stages; use at most {n} stages")
-    prefix = [0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-
-    def cost(stage: int, a: int, b: int) -> int:
-        extra = entry[a] if entry is not None else 0
-        return factors[stage] * (prefix[b] - prefix[a] + extra)
-
     inf = math.inf
     # best[s][b]: smallest achievable maximum when stages 0..s cover layers [0, b)
     best = [[inf] * (n + 1) for _ in range(stages)]
     cut = [[0] * (n + 1) for _ in range(stages)]
-    for b in range(1, n - stages + 2):
+    # a stage's cost is only asked for where it can occur: the last stage always ends at n
+    for b in ([n] if stages == 1 else range(1, n - stages + 2)):
         best[0][b] = cost(0, 0, b)
     for s in range(1, stages):
-        for b in range(s + 1, n - (stages - 1 - s) + 1):
+        for b in ([n] if s == stages - 1 else range(s + 1, n - (stages - 1 - s) + 1)):
             for a in range(s, b):
                 value = max(best[s - 1][a], cost(s, a, b))
                 if value < best[s][b]:
@@ -223,6 +245,13 @@ def _minimax_split(
         parts.append(cut[s][parts[-1]])
     parts.append(0)
     return parts[::-1]
+
+
+def _prefix(weights: Sequence[int]) -> list[int]:
+    out = [0]
+    for w in weights:
+        out.append(out[-1] + w)
+    return out
 
 
 def memory_partition(
@@ -235,19 +264,26 @@ def memory_partition(
 
     ``layer_bytes[i]`` is what layer i keeps per micro-batch (``LayerProfile.saved_bytes``);
     ``input_bytes[i]``, when given, is added to a stage that starts at layer i. The result is the
-    exact optimum over all contiguous splits with non-empty stages.
+    exact optimum over all contiguous splits with non-empty stages. ``profile_partition`` adds the
+    bytes a stage holds once (pipe buffers, backward working set, loss) on top of this.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     if input_bytes is not None and len(input_bytes) != len(layer_bytes):
         raise ValueError(f"input_bytes has {len(input_bytes)} entries for {len(layer_bytes)} layers")
     factors = [in_flight(s, stages, micro_batches) for s in range(stages)]
-    return _minimax_split(layer_bytes, stages, factors, input_bytes)
+    prefix = _prefix(layer_bytes)
+
+    def cost(stage: int, a: int, b: int) -> int:
+        return factors[stage] * (prefix[b] - prefix[a] + (input_bytes[a] if input_bytes is not None else 0))
+
+    return minimax_split(len(layer_bytes), stages, cost)
 
 
 def parameter_partition(param_counts: Sequence[int], stages: int) -> list[int]:
     """Boundaries minimising the largest per-stage parameter count (the idea behind DeepSpeed's default)."""
-    return _minimax_split(param_counts, stages, [1] * stages, None)
+    prefix = _prefix(param_counts)
+    return minimax_split(len(param_counts), stages, lambda s, a, b: prefix[b] - prefix[a])
 
 
 def uniform_partition(num_layers: int, stages: int) -> list[int]:
@@ -261,15 +297,58 @@ def uniform_partition(num_layers: int, stages: int) -> list[int]:
     return parts
 
 
-def profile_partition(profile: Sequence[LayerProfile], stages: int, micro_batches: int) -> list[int]:
-    """``memory_partition`` fed from a profile, with each stage's received input counted."""
-    return memory_partition(
-        [p.saved_bytes for p in profile], stages, micro_batches, [p.input_bytes for p in profile]
-    )
+def stage_fixed_bytes(
+    profile: Sequence[LayerProfile], start: int, stop: int, loss_tensors: float = LOSS_TENSORS
+) -> int:
+    """Bytes a stage holding layers ``[start, stop)`` needs once per step, on top of its held micro-batches.
+
+    - a stage that receives (``start > 0``): DeepSpeed's persistent receive buffer and the clone of
+      the received input that its forward pass runs on, two inputs' worth;
+    - a stage that sends (``stop < len(profile)``): the buffer the next stage's gradient arrives in;
+    - the backward working set: while layer i runs backward, the gradients of its output, of its
+      input and of its largest saved tensor are alive; the largest such sum over the stage counts;
+    - the last stage: the loss's logits-sized tensors (``loss_tensors`` x the logits bytes): the
+      retained logits and the labels' pipe buffers, softmax, log-softmax, one-hot target and their
+      gradients.
+
+    Without these terms a "balanced" split hands the last stage the network's full-resolution
+    tail and the loss on top of an equal share of held activations, and that stage sets the peak.
+    """
+    last = len(profile)
+    fixed = 0
+    if start > 0:
+        fixed += 2 * profile[start].input_bytes
+    if stop < last:
+        fixed += profile[stop - 1].output_bytes
+    fixed += max(p.input_bytes + p.output_bytes + p.largest_bytes for p in profile[start:stop])
+    if stop == last:
+        fixed += int(round(loss_tensors * profile[-1].output_bytes))
+    return fixed
+
+
+def profile_partition(
+    profile: Sequence[LayerProfile], stages: int, micro_batches: int, loss_tensors: float = LOSS_TENSORS
+) -> list[int]:
+    """The split minimising the largest ``held micro-batches + stage_fixed_bytes`` of any stage.
+
+    Per micro-batch a stage holds ``input_bytes[start] + sum(saved_bytes[start:stop])``, times its
+    in-flight count under 1F1B; once, it holds ``stage_fixed_bytes``.
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    factors = [in_flight(s, stages, micro_batches) for s in range(stages)]
+    prefix = _prefix([p.saved_bytes for p in profile])
+
+    def cost(stage: int, a: int, b: int) -> int:
+        held = factors[stage] * (profile[a].input_bytes + prefix[b] - prefix[a])
+        return held + stage_fixed_bytes(profile, a, b, loss_tensors)
+
+    return minimax_split(len(profile), stages, cost)
 
 
 def predicted_stage_bytes(
-    profile: Sequence[LayerProfile], boundaries: Sequence[int], micro_batches: int
+    profile: Sequence[LayerProfile], boundaries: Sequence[int], micro_batches: int,
+    loss_tensors: float = LOSS_TENSORS,
 ) -> list[StageBytes]:
     """Per-stage activation and parameter bytes of a split, in the cost model of this module."""
     stages = len(boundaries) - 1
@@ -286,6 +365,7 @@ def predicted_stage_bytes(
                 activation_bytes=profile[a].input_bytes + sum(p.saved_bytes for p in layers),
                 in_flight=in_flight(s, stages, micro_batches),
                 param_bytes=sum(p.param_bytes for p in layers),
+                fixed_bytes=stage_fixed_bytes(profile, a, b, loss_tensors),
             )
         )
     return result
