@@ -162,8 +162,8 @@ def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: 
         "partition profile leaves alive on the ranks that ran it.", "", *rows_markdown(rows), "",
         "### What limits the numbers", "", *limits(rows, budget), "",
         "GPU check: `benchmarks/gpu_memory_check.py` (largest bf16 cube of the 25-layer CNN and the U-Net with and "
-        "without checkpointing on one GPU, predicted beside measured; stages replayed one at a time) is prepared but "
-        "has not been run: this machine has no GPU.", "",
+        "without checkpointing on one GPU, predicted beside measured; stages replayed one at a time); its results "
+        "are in the section \"Memory on one GPU\" below.", "",
     ]
     if quick:
         q = {r["config"]: float(r["point_seconds"]) for r in quick}

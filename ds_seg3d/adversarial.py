@@ -21,6 +21,7 @@ from torch import nn
 from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.models.discriminator import Discriminator3D, DiscriminatorConfig, one_hot_labels
 from ds_seg3d.parallel.discriminator_engine import build_discriminator_engine
+from ds_seg3d.parallel.engines import all_reduce_sum
 
 
 @contextlib.contextmanager
@@ -144,8 +145,7 @@ class AdversarialTraining:
             values[:-1] = torch.tensor([m[k] for k in self.METRICS], dtype=torch.float64)
             values[-1] = 1.0
         self.loss.adv_terms = []
-        if dist.is_initialized():
-            dist.all_reduce(values)
+        values = all_reduce_sum(values)
         count = max(float(values[-1]), 1.0)
         return {k: float(values[i] / count) for i, k in enumerate(self.METRICS)}
 

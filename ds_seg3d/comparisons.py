@@ -77,8 +77,8 @@ KIDNEY_3D_VS_2D = Comparison(
     question=(
         "Does a 3D CNN segment polycystic kidneys better than a 2D CNN of comparable capacity? (A report found "
         "Dice 0.852 with a 2D CNN and 0.950 with a 25-layer 3D CNN, and volume errors under 5 %.) Both arms "
-        "train on the same phantom shards with the same seeds, the same patch (64 x 64 x 32 voxels: one 3D "
-        "block, or 32 axial 64 x 64 slices for the 2D network), the same steps, pipeline split and DeepSpeed "
+        "train on the same phantom shards with the same seeds, the same patch (one 3D block for the 3D network, the "
+        "same block as a stack of axial slices for the 2D network), the same steps, pipeline split and DeepSpeed "
         "config; the 2D network sees each slice alone (its convolutions and normalisation never cross "
         "slices) and predicts the volume slice by slice through the same `predict` path. Widths were fixed "
         "before running so that both networks have about the same number of weights; nothing was tuned on "
@@ -119,7 +119,7 @@ REAL_CT = Comparison(
     test_fraction=0.5,
     arms=(Arm("2d", "2D U-Net on axial slices (`cnn2d`)", config="experiments/realct_2d.toml"),
           Arm("3d", "3D U-Net (`unet3d`)")),
-    defaults=Settings(steps=300),
+    defaults=Settings(steps=900),
     data=real_ct_data,
     data_text=lambda c, s, splits: (
         "the real abdominal CT of `tests/data/totalseg_small` (122 x 101 x 30 voxels at 3 mm; see its NOTICE) cut "

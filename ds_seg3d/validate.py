@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.inference import argmax_labels
 from ds_seg3d.metrics import dice_per_class
+from ds_seg3d.parallel.engines import all_reduce_sum
 from ds_seg3d.pipelined_inference import Volume, predict_in_lockstep
 
 
@@ -36,7 +36,6 @@ def validate(engine, reader: ShardReader, cases: Sequence[str], *, dp_rank: int,
     predict_in_lockstep(engine, [volume(c) for c in cases], dp_rank=dp_rank, dp_size=dp_size, roi=roi,
                         micro_batch=micro_batch, overlap=overlap, num_classes=len(labels),
                         on_progress=on_progress)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
+    sums = all_reduce_sum(sums)
     count = max(sums[-1].item(), 1.0)
     return {n: float(sums[i] / count) for i, n in enumerate(names)}

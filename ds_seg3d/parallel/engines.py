@@ -99,3 +99,18 @@ def initialize_plain(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> Any:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=copy.deepcopy(ds_cfg))
     return engine
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small host tensor over every rank and return it on the host.
+
+    NCCL reduces only device tensors, so the values make the trip through this rank's accelerator
+    (on the CPU accelerator, with gloo, that is the host itself).
+    """
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return values
+    on_device = values.to(get_accelerator().current_device_name())
+    tdist.all_reduce(on_device)
+    return on_device.cpu()
