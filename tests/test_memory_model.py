@@ -146,3 +146,12 @@ def test_largest_patch_grows_when_the_budget_does():
     assert z_small is not None and z_large is not None and z_large > z_small
     assert model.predict(spec.with_(patch=(32, 32, z_large))).max_peak <= 48 * 2**20
     assert model.largest_z(spec, 1024) is None
+
+
+def test_the_2d_baseline_takes_any_slab_and_is_planned() -> None:
+
+
+    spec = RunSpec(model="cnn2d", params=(("base_width", 4), ("max_width", 16), ("levels", 3)), patch=(32, 32, 6))
+    assert z_step(spec) == 1
+    pred = MemoryModel(spec).predict(spec)
+    assert pred.max_peak > 0 and [s.stage for s in pred.stages] == [0]

@@ -30,7 +30,7 @@ import torch
 from ds_seg3d.bench.calibrate import StageCalibrator, StageKey
 from ds_seg3d.bench.measure import PeakTracker
 from ds_seg3d.bench.spec import RunSpec
-from ds_seg3d.models import DeepCNNConfig, UNet3DConfig, count_parameters
+from ds_seg3d.models import CNN2DConfig, DeepCNNConfig, UNet3DConfig, count_parameters
 from ds_seg3d.parallel.partition import LayerProfile, minimax_split, check_boundaries, profile_partition
 from ds_seg3d.parallel.topology import in_flight
 
@@ -133,6 +133,8 @@ def z_step(spec: RunSpec) -> int:
         return 2 ** (cfg.levels - 1)
     if isinstance(cfg, DeepCNNConfig):
         return cfg.downsample
+    if isinstance(cfg, CNN2DConfig):
+        return 1  # slices are independent: any Z
     raise ValueError(f"no Z step known for {type(cfg).__name__}")
 
 

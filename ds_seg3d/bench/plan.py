@@ -119,7 +119,7 @@ def describe(rank: int, cand: Candidate, budget: int) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-gb", type=float, required=True, help="memory per device in GiB")
-    p.add_argument("--model", choices=("unet3d", "deep_cnn"), help="network (default: the experiment's)")
+    p.add_argument("--model", choices=("unet3d", "deep_cnn", "cnn2d"), help="network (default: the experiment's)")
     p.add_argument("--config", type=Path, help="experiment TOML for the model and patch (optional)")
     p.add_argument("--set", action="append", default=[], metavar="model.params.FIELD=VALUE",
                    help="network size, e.g. --set model.params.base_width=32")
