@@ -82,6 +82,16 @@ def _save(array: np.ndarray, spacing: tuple[float, float, float], path: Path) ->
     nib.save(img, path)
 
 
+def _same_halves(out: Path, image_path: Path, labels: dict[str, list[int]], name: str) -> bool:
+    try:
+        meta = json.loads((out / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("reference") == str(image_path) and meta.get("source_values") == labels
+            and meta.get("name") == f"{name}-halves"
+            and all((out / e["image"]).is_file() and (out / e["label"]).is_file() for e in meta.get("training", [])))
+
+
 def write_halves(image_path: Path, label_path: Path, out: Path, labels_spec: str, name: str = "case") -> Path:
     """Write ``out`` as an MSD folder holding ``<name>_right`` and ``<name>_left``; return ``out``."""
     labels = parse_labels(labels_spec, label_path)
@@ -97,7 +107,9 @@ def write_halves(image_path: Path, label_path: Path, out: Path, labels_spec: str
     if missing:
         raise DataError(label_path, f"no voxel of {', '.join(missing)} (values {labels[missing[0]]})")
     if out.exists() and any(out.iterdir()):
-        raise DataError(out, "exists and is not empty; choose another folder")
+        if _same_halves(out, image_path, labels, name):
+            return out  # already written from this scan with these labels: nothing to do
+        raise DataError(out, "exists and is not empty (not these halves); choose another folder")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -62,3 +62,12 @@ def test_refuses_a_mismatched_grid_and_a_full_folder(tmp_path: Path) -> None:
     (full / "x").write_text("x")
     with pytest.raises(DataError, match="not empty"):
         write_halves(IMAGE, LABEL, full, SPEC)
+
+
+def test_writing_the_same_halves_again_is_a_no_op(tmp_path: Path) -> None:
+    out = write_halves(IMAGE, LABEL, tmp_path / "halves", SPEC, name="ct")
+    stamp = (out / "dataset.json").stat().st_mtime_ns
+    assert write_halves(IMAGE, LABEL, out, SPEC, name="ct") == out
+    assert (out / "dataset.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="not these halves"):
+        write_halves(IMAGE, LABEL, out, "kidney=2,3", name="ct")

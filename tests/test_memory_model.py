@@ -149,8 +149,6 @@ def test_largest_patch_grows_when_the_budget_does():
 
 
 def test_the_2d_baseline_takes_any_slab_and_is_planned() -> None:
-
-
     spec = RunSpec(model="cnn2d", params=(("base_width", 4), ("max_width", 16), ("levels", 3)), patch=(32, 32, 6))
     assert z_step(spec) == 1
     pred = MemoryModel(spec).predict(spec)
