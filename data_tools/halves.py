@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from data_tools.errors import DataError
+from data_tools.phantoms import save_nifti
 
 
 def parse_labels(spec: str, path: Path) -> dict[str, list[int]]:
@@ -73,15 +74,6 @@ def remap(label: np.ndarray, labels: dict[str, list[int]]) -> np.ndarray:
     return out
 
 
-def _save(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
-    affine = np.diag([*spacing, 1.0])
-    img = nib.Nifti1Image(np.ascontiguousarray(array), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, path)
-
-
 def _same_halves(out: Path, image_path: Path, labels: dict[str, list[int]], name: str) -> bool:
     try:
         meta = json.loads((out / "dataset.json").read_text())
@@ -118,9 +110,10 @@ def write_halves(image_path: Path, label_path: Path, out: Path, labels_spec: str
         training = []
         for side, (im, lb) in split_halves(image, label).items():
             case = f"{name}_{side}"
-            _save(im.astype(np.int16 if np.issubdtype(im.dtype, np.integer) else np.float32), spacing,
-                  tmp / "imagesTr" / f"{case}.nii.gz")
-            _save(remap(lb, labels), spacing, tmp / "labelsTr" / f"{case}.nii.gz")
+            affine = np.diag([*spacing, 1.0])
+            save_nifti(np.ascontiguousarray(im.astype(np.int16 if np.issubdtype(im.dtype, np.integer) else np.float32)),
+                       affine, tmp / "imagesTr" / f"{case}.nii.gz")
+            save_nifti(remap(lb, labels), affine, tmp / "labelsTr" / f"{case}.nii.gz")
             training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
         meta = {"name": f"{name}-halves", "description": f"right and mirrored left half of {image_path.name}",
                 "reference": str(image_path), "tensorImageSize": "3D", "modality": {"0": "CT"},

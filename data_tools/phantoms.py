@@ -85,7 +85,8 @@ def already_generated(out: str | os.PathLike, task: str, cases: int, seed: int, 
     raise DataError(out, "exists and is not empty (not phantoms of these parameters); choose another folder")
 
 
-def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write ``array`` with ``affine`` as qform and sform (code 1, scanner) and mm units."""
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
@@ -119,8 +120,8 @@ def write_msd_dataset(out: str | os.PathLike, task: str, cases: int, seed: int,
         for i in tqdm(range(cases), desc=f"{task} phantoms", unit="case"):
             case_id = f"{task}_{i:03d}"
             image, label, affine = generate_case(task, case_seed(seed, i), shape)
-            _save(image, affine, tmp / "imagesTr" / f"{case_id}.nii.gz")
-            _save(label, affine, tmp / "labelsTr" / f"{case_id}.nii.gz")
+            save_nifti(image, affine, tmp / "imagesTr" / f"{case_id}.nii.gz")
+            save_nifti(label, affine, tmp / "labelsTr" / f"{case_id}.nii.gz")
             training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
         meta = {
             "name": f"Phantom{task.capitalize()}",

@@ -23,44 +23,19 @@ from torch import Tensor, nn
 
 from ds_seg3d.models.blocks import NEGATIVE_SLOPE
 from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, is_positive_int
+from ds_seg3d.models.unet3d import UNetShape
 
 
 @dataclass
-class CNN2DConfig:
-    """Shape of the 2D U-Net; field names mean what they mean in ``UNet3DConfig``."""
+class CNN2DConfig(UNetShape):
+    """Shape of the 2D U-Net: the fields of the 3D one (``UNetShape``), wider by default; X and Y must
+    be divisible by 2**(levels - 1), Z is free."""
 
-    in_channels: int = 1
-    """Image channels (1 for CT; one per sequence for multi-sequence MRI)."""
-    num_classes: int = 2
-    """Output channels: background plus foreground labels (logits for softmax)."""
-    levels: int = 4
-    """Resolution levels including the bottleneck; X and Y must be divisible by 2**(levels - 1)."""
     base_width: int = 28
     """Channels at full resolution; doubled at every level below. About sqrt(3) times the 3D
     U-Net's, since a 3x3 kernel has a third of the weights of a 3x3x3 one."""
     max_width: int = 448
     """Cap on the channels of the coarse levels."""
-    convs_per_level: int = 2
-    """ConvNormAct blocks per encoder and per decoder level (the first encoder one is strided)."""
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        for field_name in ("in_channels", "levels", "base_width", "max_width", "convs_per_level"):
-            value = getattr(self, field_name)
-            if not is_positive_int(value):
-                raise ValueError(f"CNN2DConfig.{field_name} must be a positive integer, got {value!r}")
-        if not is_positive_int(self.num_classes) or self.num_classes < 2:
-            raise ValueError(
-                f"CNN2DConfig.num_classes must be >= 2 (background + foreground), got {self.num_classes!r}"
-            )
-        if self.max_width < self.base_width:
-            raise ValueError(
-                f"CNN2DConfig.max_width ({self.max_width}) must be >= base_width ({self.base_width})"
-            )
-
-    def widths(self) -> list[int]:
-        """Channels per level, finest first."""
-        return [min(self.base_width * 2**level, self.max_width) for level in range(self.levels)]
 
 
 def to_slices(x: Tensor) -> Tensor:

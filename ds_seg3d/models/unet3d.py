@@ -22,8 +22,9 @@ from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, is_positive_i
 
 
 @dataclass
-class UNet3DConfig:
-    """Shape of the U-Net; ``validate()`` explains what is wrong before anything is built."""
+class UNetShape:
+    """The shape of a U-Net (3D here, slice-wise 2D in ``cnn2d``); ``validate()`` explains what is wrong
+    before anything is built."""
 
     in_channels: int = 1
     """Image channels (1 for CT; one per sequence for multi-sequence MRI)."""
@@ -40,22 +41,26 @@ class UNet3DConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        kind = type(self).__name__
         for field_name in ("in_channels", "levels", "base_width", "max_width", "convs_per_level"):
             value = getattr(self, field_name)
             if not is_positive_int(value):
-                raise ValueError(f"UNet3DConfig.{field_name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{kind}.{field_name} must be a positive integer, got {value!r}")
         if not is_positive_int(self.num_classes) or self.num_classes < 2:
             raise ValueError(
-                f"UNet3DConfig.num_classes must be >= 2 (background + foreground), got {self.num_classes!r}"
+                f"{kind}.num_classes must be >= 2 (background + foreground), got {self.num_classes!r}"
             )
         if self.max_width < self.base_width:
-            raise ValueError(
-                f"UNet3DConfig.max_width ({self.max_width}) must be >= base_width ({self.base_width})"
-            )
+            raise ValueError(f"{kind}.max_width ({self.max_width}) must be >= base_width ({self.base_width})")
 
     def widths(self) -> list[int]:
         """Channels per level, finest first."""
         return [min(self.base_width * 2**level, self.max_width) for level in range(self.levels)]
+
+
+@dataclass
+class UNet3DConfig(UNetShape):
+    """Shape of the 3D U-Net (the fields and defaults of ``UNetShape``)."""
 
 
 class EncoderLayer(nn.Module):
