@@ -95,8 +95,8 @@ KIDNEY_3D_VS_2D = Comparison(
         "    --arm-set 2d:model.params.max_width=448\n```\n\n"
         "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); bf16 with fp32 "
         "master weights; 4 micro-batches per step fill the pipeline; `--arm-set` keeps the two networks' "
-        "parameter counts matched at the larger width. `benchmarks/gpu_experiment_check.sh` runs a one-GPU "
-        "version of this comparison (BENCHMARKS.md records its result)."),
+        "parameter counts matched at the larger width. `benchmarks/gpu_checks.sh` runs a one-GPU "
+        "version of this comparison (its result: the next section)."),
 )
 
 
