@@ -121,6 +121,7 @@ REAL_CT = Comparison(
           Arm("3d", "3D U-Net (`unet3d`)")),
     defaults=Settings(steps=900),
     data=real_ct_data,
+    phantoms=False,
     data_text=lambda c, s, splits: (
         "the real abdominal CT of `tests/data/totalseg_small` (122 x 101 x 30 voxels at 3 mm; see its NOTICE) cut "
         "at the middle of the left-right axis into its right half and its mirrored left half "

@@ -300,9 +300,11 @@ def settings_from(args: argparse.Namespace, c: Comparison) -> Settings:
 
 def reproduce_command(args: argparse.Namespace, s: Settings) -> str:
     """The command line that reruns the experiment, with every budget setting spelled out."""
-    cmd = ["python", "-m", "ds_seg3d", "experiment", args.name, "--out", args.out, "--cases", str(s.cases),
+    phantoms = COMPARISONS[args.name].phantoms
+    cmd = ["python", "-m", "ds_seg3d", "experiment", args.name, "--out", args.out,
+           *(["--cases", str(s.cases)] if phantoms else []),
            "--steps", str(s.steps), "--ranks", str(s.ranks), "--stages", str(s.stages), "--seed", str(s.seed)]
-    cmd += ["--phantom-shape", *map(str, args.phantom_shape)] if args.phantom_shape else []
+    cmd += ["--phantom-shape", *map(str, args.phantom_shape)] if args.phantom_shape and phantoms else []
     for k in PATH_FLAGS:
         cmd += [f"--{k.replace('_', '-')}", getattr(args, k)] if getattr(args, k) else []
     for item in args.set:

@@ -66,6 +66,8 @@ class Comparison:
     data_text: Callable[["Comparison", Settings, str], str] = lambda c, s, splits: (
         f"{s.cases} `{c.task}` phantoms (seed {s.seed}; {splits})")
     """How the section's Data line names the data; ``splits`` reads "14 train, 2 val, 4 test"."""
+    phantoms: bool = True
+    """Whether ``data`` generates phantoms (``--cases`` and ``--phantom-shape`` mean something)."""
     target: Callable[[list[dict]], str] | None = None
     """A sentence on whether the rows meet the comparison's stated target, if it has one."""
 

@@ -320,6 +320,9 @@ def test_real_ct_data_commands_build_one_training_and_one_test_half(tmp_path: Pa
     assert len(manifest["splits"]["train"]) == len(manifest["splits"]["test"]) == 1
     (case, image, label), = experiment.test_cases(tmp_path / "shards")
     assert case in ("ct_left", "ct_right") and image.is_file() and label.is_file()
+    argv = ["real-ct", "--out", str(tmp_path), "--steps", "12"]
+    again = shlex.split(experiment.reproduce_command(_cli(argv), experiment.settings_from(_cli(argv), real)))
+    assert "--cases" not in again and experiment.settings_from(_cli(again[4:]), real).steps == 12
     text = real.data_text(real, s, "1 train, 1 test")
     assert "TotalSegmentator" not in text and "mirrored left half" in text
 
