@@ -50,7 +50,6 @@ PSOAS_ADVERSARIAL = Comparison(
 )
 
 
-
 def kidney_target(rows: list[dict]) -> str:
     """The report's clinical target for the 3D network: Dice >= 0.95 and |volume error| < 5 % on >= 95 % of cases."""
     mine = [r for r in rows if r["arm"] == "3d"]
@@ -78,8 +77,8 @@ KIDNEY_3D_VS_2D = Comparison(
         "Does a 3D CNN segment polycystic kidneys better than a 2D CNN of comparable capacity? (A report found "
         "Dice 0.852 with a 2D CNN and 0.950 with a 25-layer 3D CNN, and volume errors under 5 %.) Both arms "
         "train on the same phantom shards with the same seeds, the same patch (one 3D block for the 3D network, the "
-        "same block as a stack of axial slices for the 2D network), the same steps, pipeline split and DeepSpeed "
-        "config; the 2D network sees each slice alone (its convolutions and normalisation never cross "
+        "same block as a stack of axial slices for the 2D network), the same steps, number of pipeline stages (each "
+        "network split by the memory partition) and DeepSpeed config; the 2D network sees each slice alone (its convolutions and normalisation never cross "
         "slices) and predicts the volume slice by slice through the same `predict` path. Widths were fixed "
         "before running so that both networks have about the same number of weights; nothing was tuned on "
         "the test split. The defaults are sized to fit about 30 minutes on 2 CPU cores."),
