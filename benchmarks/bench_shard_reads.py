@@ -39,7 +39,7 @@ from data_tools.preprocess import CT_BODY_HU  # noqa: E402
 from ds_seg3d.data import shard_format as sf  # noqa: E402
 from ds_seg3d.data.geometry import largest_component  # noqa: E402
 from ds_seg3d.data.reader import ShardReader  # noqa: E402
-from ds_seg3d.report import write_section
+from ds_seg3d.report import save_png, write_section
 
 CASE_ID = "bench_000"
 SECTION = "## Shard reads"
@@ -369,10 +369,8 @@ def plot(methods: list[Method], path: Path) -> None:
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_name(path.name + ".tmp"), dpi=90, format="png")
+    save_png(fig, path)
     plt.close(fig)
-    os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 

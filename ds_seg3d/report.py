@@ -6,6 +6,7 @@ rename), so several scripts can each own a section of the same file.
 from __future__ import annotations
 
 import os
+from typing import Any
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +45,14 @@ def replace_section(path: Path, heading: str, body: str, intro: str = "") -> Non
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_png(fig: Any, path: Path, dpi: int = 90) -> None:
+    """A matplotlib figure as PNG: temp name, then rename, so a reader never sees half a chart."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.stem}.png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     os.replace(tmp, path)
 
 

@@ -1,9 +1,9 @@
 """PNG charts of a memory sweep: predicted beside measured per stage, partitions, patch on a budget."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ds_seg3d.report import save_png
 from ds_seg3d.bench.report import MIB, number, measured_ok, by_config, largest_patch, partition_balance
 
 
@@ -16,11 +16,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90, format="png")
-    os.replace(tmp, path)
+
 
 
 def short_label(row: dict) -> str:
@@ -77,7 +73,7 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     ax.legend(handles, [f"stage {s}" for s in range(4)], fontsize=7, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -101,7 +97,7 @@ def plot_partition(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=6)
     fig.suptitle("Measured per-stage peaks (bars) and predictions (black ticks)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -122,5 +118,5 @@ def plot_budget(rows: list[dict], budget: int, path: Path) -> None:
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
