@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from data_tools.errors import DataError
-from data_tools.phantoms import save_nifti
+from data_tools.phantoms import atomic_msd_folder, save_nifti
 
 
 def parse_labels(spec: str, path: Path) -> dict[str, list[int]]:
@@ -102,11 +100,7 @@ def write_halves(image_path: Path, label_path: Path, out: Path, labels_spec: str
         if _same_halves(out, image_path, labels, name):
             return out  # already written from this scan with these labels: nothing to do
         raise DataError(out, "exists and is not empty (not these halves); choose another folder")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "imagesTr").mkdir(parents=True)
-        (tmp / "labelsTr").mkdir()
+    with atomic_msd_folder(out) as tmp:
         training = []
         for side, (im, lb) in split_halves(image, label).items():
             case = f"{name}_{side}"
@@ -121,12 +115,6 @@ def write_halves(image_path: Path, label_path: Path, out: Path, labels_spec: str
                 "numTraining": 2, "training": training, "numTest": 0, "test": [],
                 "source_values": labels}
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,12 +17,13 @@ as an MSD folder, previews them and runs the ``phantoms`` subcommand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -85,6 +86,25 @@ def already_generated(out: str | os.PathLike, task: str, cases: int, seed: int, 
     raise DataError(out, "exists and is not empty (not phantoms of these parameters); choose another folder")
 
 
+@contextlib.contextmanager
+def atomic_msd_folder(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` holding ``imagesTr/`` and ``labelsTr/``; renamed to ``out`` (absent or
+    empty) when the block ends, removed if it fails, so an interrupted write never looks like a dataset."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "imagesTr").mkdir(parents=True)
+        (tmp / "labelsTr").mkdir()
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write ``array`` with ``affine`` as qform and sform (code 1, scanner) and mm units."""
     img = nib.Nifti1Image(array, affine)
@@ -110,12 +130,7 @@ def write_msd_dataset(out: str | os.PathLike, task: str, cases: int, seed: int,
     _validate(out, task, cases, seed, shape)
     if already_generated(out, task, cases, seed, shape):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "imagesTr").mkdir(parents=True)
-        (tmp / "labelsTr").mkdir()
+    with atomic_msd_folder(out) as tmp:
         training = []
         for i in tqdm(range(cases), desc=f"{task} phantoms", unit="case"):
             case_id = f"{task}_{i:03d}"
@@ -133,12 +148,6 @@ def write_msd_dataset(out: str | os.PathLike, task: str, cases: int, seed: int,
             "numTest": 0, "test": [], "generator": _parameters(task, cases, seed, shape),
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

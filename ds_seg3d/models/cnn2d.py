@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ds_seg3d.models.blocks import NEGATIVE_SLOPE
 from ds_seg3d.models.layers import Activation, LayerDef, as_tuple, is_positive_int
-from ds_seg3d.models.unet3d import UNetShape
+from ds_seg3d.models.unet3d import UNetShape, build_unet_layers
 
 
 @dataclass
@@ -127,21 +127,8 @@ class SliceHeadLayer(nn.Module):
 
 
 def build_cnn2d_layers(cfg: CNN2DConfig) -> list[LayerDef]:
-    """``enc0 .. enc{L-1}`` (the last is the bottleneck), ``dec{L-2} .. dec0``, ``head``."""
-    cfg.validate()
-    widths = cfg.widths()
-    layers = []
-    in_channels = cfg.in_channels
-    for level, width in enumerate(widths):
-        stride = 1 if level == 0 else 2
-        args = (in_channels, width, cfg.convs_per_level, stride, level > 0)
-        layers.append(LayerDef(SliceEncoderLayer, args, name=f"enc{level}"))
-        in_channels = width
-    for level in reversed(range(cfg.levels - 1)):
-        args = (widths[level + 1], widths[level], cfg.convs_per_level)
-        layers.append(LayerDef(SliceDecoderLayer, args, name=f"dec{level}"))
-    layers.append(LayerDef(SliceHeadLayer, (widths[0], cfg.num_classes), name="head"))
-    return layers
+    """``enc0 .. enc{L-1}`` (the last is the bottleneck), ``dec{L-2} .. dec0``, ``head``: the 3D U-Net's list."""
+    return build_unet_layers(cfg, SliceEncoderLayer, SliceDecoderLayer, SliceHeadLayer)
 
 
 def check_patch(cfg: CNN2DConfig, patch: Sequence[int]) -> None:

@@ -113,6 +113,13 @@ class HeadLayer(nn.Module):
 
 def build_unet3d_layers(cfg: UNet3DConfig) -> list[LayerDef]:
     """``enc0 .. enc{L-1}`` (the last is the bottleneck), ``dec{L-2} .. dec0``, ``head``."""
+    return build_unet_layers(cfg, EncoderLayer, DecoderLayer, HeadLayer)
+
+
+def build_unet_layers(cfg: UNetShape, encoder: type[nn.Module], decoder: type[nn.Module],
+                      head: type[nn.Module]) -> list[LayerDef]:
+    """The U-Net's layer list from its level classes (3D here, slice-wise in ``cnn2d``): ``encoder(in, out,
+    convs, stride, keep_input)``, ``decoder(in, skip, convs)``, ``head(in, classes)``."""
     cfg.validate()
     widths = cfg.widths()
     layers = []
@@ -120,12 +127,12 @@ def build_unet3d_layers(cfg: UNet3DConfig) -> list[LayerDef]:
     for level, width in enumerate(widths):
         stride = 1 if level == 0 else 2
         args = (in_channels, width, cfg.convs_per_level, stride, level > 0)
-        layers.append(LayerDef(EncoderLayer, args, name=f"enc{level}"))
+        layers.append(LayerDef(encoder, args, name=f"enc{level}"))
         in_channels = width
     for level in reversed(range(cfg.levels - 1)):
         args = (widths[level + 1], widths[level], cfg.convs_per_level)
-        layers.append(LayerDef(DecoderLayer, args, name=f"dec{level}"))
-    layers.append(LayerDef(HeadLayer, (widths[0], cfg.num_classes), name="head"))
+        layers.append(LayerDef(decoder, args, name=f"dec{level}"))
+    layers.append(LayerDef(head, (widths[0], cfg.num_classes), name="head"))
     return layers
 
 
