@@ -24,13 +24,14 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from ds_seg3d.bench.report import (  # noqa: E402
-    MIB, number, accuracy, by_config, largest_patch, methods, partition_balance, rows_markdown, targets_markdown,
+    MIB, accuracy, all_partition_balance, budget_networks, by_config, largest_patch, methods, number, rows_markdown,
+    targets_markdown,
 )
-from ds_seg3d.bench.sweep import BUDGET_MIB, DEEP_CNN, UNET, read_csv, sweep_points  # noqa: E402
+from ds_seg3d.bench.sweep import BUDGET_MIB, DEEP_CNN, DEEPER_CNN, UNET, read_csv, sweep_points  # noqa: E402
 from ds_seg3d.report import write_section
 
 SECTION = "## Memory scaling"
-CHARTS = ("memory.png", "memory_partition.png", "memory_budget.png")
+CHARTS = ("memory.png", "memory_partition.png", "memory_budget.png", "memory_depth.png")
 
 
 def machine(loads: list[str], when: str) -> str:
@@ -44,24 +45,6 @@ def machine(loads: list[str], when: str) -> str:
             f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, gloo, OMP_NUM_THREADS=1 per rank")
 
 
-def bf16_scratchpad() -> str:
-    """oneDNN's bf16 weight-gradient scratchpad of one conv on slabs of growing Z (why bf16 slabs mislead)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    sizes = []
-    for z in (8, 16, 32):
-        conv = torch.nn.Conv3d(8, 8, 3, padding=1, bias=False).bfloat16()
-        x = torch.randn(1, 8, 128, 128, z).bfloat16().requires_grad_()
-        y = conv(x)
-        g = torch.randn_like(y)
-        torch.autograd.grad(y, (x, conv.weight), g, retain_graph=True)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            torch.autograd.grad(y, (x, conv.weight), g, retain_graph=True)
-        sizes.append(max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"))
-    return " / ".join(f"{s / MIB:.1f}" for s in sizes) + " MiB at Z = 8 / 16 / 32"
-
-
 def limits(rows: list[dict], budget: int) -> list[str]:
     out = []
     acc = accuracy(rows)
@@ -72,70 +55,144 @@ def limits(rows: list[dict], budget: int) -> list[str]:
         fp32_text = f"; in fp32 {float(f32['error_pct']):+.1f} % ({f32['config']}, rank {f32['rank']})" if f32 else ""
         out.append(f"- **Accuracy.** Largest error {float(worst['error_pct']):+.1f} % ({worst['config']}, rank "
                    f"{worst['rank']}){fp32_text}. The planner replays each stage's DeepSpeed schedule on slabs of the patch "
-                   f"(full X, Y; one and two Z steps) and extrapolates linearly in Z; fp32 kernels are exactly linear "
-                   f"there. Two things move a measured peak by a few MiB from run to run: whether the previous "
+                   f"(full X, Y; Z of one and two steps of the network in fp32, two and three in bf16) and extrapolates "
+                   f"linearly in Z; fp32 kernels are exactly linear there. Two things move a measured peak by a few "
+                   f"MiB from run to run: whether the previous "
                    f"step's ZeRO bucket is still referenced when the next step peaks, and where in the backward pass "
                    f"the peak falls.")
     bf = [r for r in rows if r.get("precision") == "bf16" and number(r, "error_pct") is not None]
     if bf:
         e = max(abs(number(r, "error_pct")) for r in bf)
-        out.append(f"- **bf16 on this CPU** (largest error {e:.1f} %): oneDNN's bf16 weight-gradient scratchpad of "
-                   f"an 8 -> 8 channel 3^3 convolution on 128 x 128 slabs is {bf16_scratchpad()}, not linear in Z, "
-                   f"so slabs under- or over-state the working set of bf16 stages; fp32 kernels have no such term.")
-    for model in ("unet3d", "deep_cnn"):
-        for e in partition_balance(rows, model):
-            pts = [r for r in by_config([r for r in rows if r.get("group") == "scaling" and r["model"] == model
-                                         and str(r["stages"]) == str(e["p"]) and r["partition"] == "memory"
-                                         and str(r["micro_batches"]) == "1"]).values()]
-            if not pts:
-                continue
-            big = max(pts[0], key=lambda r: number(r, "measured_peak_bytes") or 0)
-            leftover = number(big, "pred_profile_leftover_bytes") or 0
-            fixed = sum(number(big, k) or 0 for k in ("pred_pipe_buffers_bytes", "pred_working_bytes")) + leftover
-            parts, best, exact = planner_best(model, e["p"])
+        out.append(f"- **bf16 on this CPU** (largest error {e:.1f} %): oneDNN's bf16 kernels grow faster than "
+                   f"linearly in Z at small Z, so bf16 stages are calibrated on slabs of two and three Z steps, where "
+                   f"the line is closer to the full patch; the remaining shortfall is that curvature.")
+    for e in all_partition_balance(rows):
+        pts = [r for r in by_config([r for r in rows if r.get("group") == "scaling" and r["model"] == e["model"]
+                                     and r["params"] == e["params"] and str(r["stages"]) == str(e["p"])
+                                     and r["partition"] == "memory" and str(r["micro_batches"]) == "1"]).values()]
+        if not pts:
+            continue
+        big = max(pts[0], key=lambda r: number(r, "measured_peak_bytes") or 0)
+        leftover = number(big, "pred_profile_leftover_bytes") or 0
+        fixed = sum(number(big, k) or 0 for k in ("pred_pipe_buffers_bytes", "pred_working_bytes")) + leftover
+        if e["pass"]:
+            best_text = "within the target"
+        else:  # how far any split could go, by the planner's exhaustive search (or its lower bound)
+            parts, best, exact = planner_best(e["model"], e["params"], e["p"])
             reach = ("within the target" if best <= e["limit"] else "out of the target's reach for any split")
             best_text = (f"the planner's best over every split is {parts} at {_mib(best)} MiB" if exact else
-                         f"no split gets the largest stage below {_mib(best)} MiB (planner: the cheapest last stage, "
-                         f"layers [{parts[1]}, {parts[2]}), alone)")
-            out.append(
-                f"- **{model}, p = {e['p']}** (memory partition {e['memory']['boundaries']}, largest stage "
-                f"{_mib(e['memory']['largest'])} MiB against {_mib(e['limit'])} MiB"
-                + (f"; DeepSpeed's parameters split {e['parameters']['boundaries']}: "
-                   f"{_mib(e['parameters']['largest'])} MiB" if "parameters" in e else "")
-                + f"): {best_text}, {reach}. The largest stage (rank {big['rank']}) holds "
-                f"{_mib(number(big, 'pred_held_bytes'))} MiB of activations and pays {_mib(fixed)} MiB that do not "
-                f"shrink with p: the backward working set of its full-resolution layers and the loss "
-                f"({_mib(number(big, 'pred_working_bytes'))}) and DeepSpeed's pipe buffers "
-                f"({_mib(number(big, 'pred_pipe_buffers_bytes'))}: receive and gradient buffers, loaded inputs and "
-                f"labels, the last stage's retained outputs)"
-                + (f" and the partition profile's leftover tensors ({_mib(leftover)})" if leftover else "")
-                + ". A layer is the smallest unit a split can move, and the full-resolution levels are the largest "
-                "layers.")
-    entries = largest_patch(rows, budget)
-    if entries:
-        out.append("- **Largest patch.** " + "; ".join(
+                         f"no split gets the largest stage below {_mib(best)} MiB (planner: the cheapest first "
+                         f"stage and the cheapest last stage, layers [{parts[1]}, {parts[2]}), each alone)") + f", {reach}"
+        out.append(
+            f"- **{e['network']}, p = {e['p']}** (memory partition {e['memory']['boundaries']}, largest stage "
+            f"{_mib(e['memory']['largest'])} MiB against {_mib(e['limit'])} MiB"
+            + (f"; DeepSpeed's parameters split {e['parameters']['boundaries']}: "
+               f"{_mib(e['parameters']['largest'])} MiB" if "parameters" in e else "")
+            + f"): {best_text}. The largest stage (rank {big['rank']}) holds "
+            f"{_mib(number(big, 'pred_held_bytes'))} MiB of activations and pays {_mib(fixed)} MiB on top: the "
+            f"backward working set of its largest layer and, on the last stage, the loss "
+            f"({_mib(number(big, 'pred_working_bytes'))}) and DeepSpeed's pipe buffers "
+            f"({_mib(number(big, 'pred_pipe_buffers_bytes'))}: receive and gradient buffers, loaded inputs and "
+            f"labels, the last stage's retained outputs)"
+            + (f" and the partition profile's leftover tensors ({_mib(leftover)})" if leftover else "")
+            + ". A layer is the smallest unit a split can move.")
+    for params in budget_networks(rows):
+        entries = largest_patch(rows, budget, params)
+        out.append(f"- **Largest patch, {entries[0]['network']}.** " + "; ".join(
             f"p = {e['p']}: Z = {e['z']} (predicted {_mib(e['predicted'])}, measured {_mib(e['measured'])} MiB)"
-            for e in entries) + f" on {budget / MIB:.0f} MiB: it grows with p only as far as the largest stage "
-            "shrinks, for the reasons above.")
+            for e in entries) + f" on {budget / MIB:.0f} MiB: it grows with p as far as the largest stage shrinks.")
     return out
 
 
-def planner_best(model: str, stages: int) -> tuple[list[int], int, bool]:
-    """The planner's best split of the sweep's network at p = ``stages``, m = 1 (``memory_model.best_split``)."""
+def planner_best(model: str, params: str, stages: int) -> tuple[list[int], int, bool]:
+    """The planner's best split of a sweep network (``params``: the CSV's JSON) at p = ``stages``, m = 1
+    (``memory_model.best_split``)."""
+    import json
+
     from ds_seg3d.bench.memory_model import MemoryModel, best_split
     from ds_seg3d.bench.spec import RunSpec
     from ds_seg3d.bench.sweep import PATCH
 
-    params = UNET if model == "unet3d" else DEEP_CNN
-    spec = RunSpec(model=model, params=tuple(params.items()), patch=PATCH, stages=stages, ranks=stages)
+    spec = RunSpec(model=model, params=tuple(json.loads(params).items()), patch=PATCH, stages=stages, ranks=stages)
     return best_split(MemoryModel(spec), spec)
+
+
+DEPTHS = (25, 49, 73, 97, 121)
+
+
+def depth_curve(folder: Path, depths: tuple[int, ...] = DEPTHS) -> list[dict]:
+    """The planner's largest stage / (unsplit / p) for the deep CNN (width 8) at each depth, p = 2 and 4,
+    both partitions; cached in ``folder/depth.csv`` (about 20 s a depth to calibrate)."""
+    import csv
+
+    path = folder / "depth.csv"
+    if path.exists():
+        rows = list(csv.DictReader(open(path)))
+        if sorted({int(r["depth"]) for r in rows}) == sorted(depths):
+            return [dict(r, depth=int(r["depth"]), p=int(r["p"]), ratio=float(r["ratio"])) for r in rows]
+    from tqdm import tqdm
+
+    from ds_seg3d.bench.memory_model import MemoryModel
+    from ds_seg3d.bench.spec import RunSpec
+    from ds_seg3d.bench.sweep import PATCH
+
+    rows = []
+    for depth in tqdm(depths, desc="depth curve (planner)", unit="depth"):
+        spec = RunSpec(model="deep_cnn", params=tuple(dict(DEEP_CNN, depth=depth).items()), patch=PATCH)
+        model = MemoryModel(spec)
+        unsplit = model.predict(spec).max_peak
+        for p in (2, 4):
+            for method in ("memory", "parameters"):
+                pred = model.predict(spec.with_(stages=p, ranks=p, partition=method))
+                rows.append({"depth": depth, "p": p, "partition": method, "unsplit_bytes": unsplit,
+                             "largest_bytes": pred.max_peak, "boundaries": pred.boundaries,
+                             "ratio": pred.max_peak / (unsplit / p)})
+    tmp = path.with_name(".depth.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return rows
+
+
+def measured_depth_points(rows: list[dict]) -> list[dict]:
+    """The sweep's measured ratios for the width-8 deep CNNs at the sweep's patch."""
+    import json
+
+    out = []
+    for e in all_partition_balance(rows):
+        params = json.loads(e["params"])
+        if e["model"] != "deep_cnn" or params.get("width") != DEEP_CNN["width"]:
+            continue
+        for method in ("memory", "parameters"):
+            if method in e:
+                out.append({"depth": params["depth"], "p": e["p"], "partition": method,
+                            "ratio": e[method]["largest"] / (e["unsplit"] / e["p"])})
+    return out
+
+
+def depth_markdown(curve: list[dict], measured: list[dict]) -> list[str]:
+    lines = ["| depth | " + " | ".join(f"p = {p}, {m}" for p in (2, 4) for m in ("memory", "parameters")) + " |",
+             "|---:|" + "---:|" * 4]
+    for depth in sorted({c["depth"] for c in curve}):
+        cells = []
+        for p in (2, 4):
+            for m in ("memory", "parameters"):
+                pred = next(c["ratio"] for c in curve if (c["depth"], c["p"], c["partition"]) == (depth, p, m))
+                meas = next((x["ratio"] for x in measured if (x["depth"], x["p"], x["partition"]) == (depth, p, m)),
+                            None)
+                cells.append(f"{pred:.2f}" + (f" (measured {meas:.2f})" if meas is not None else ""))
+        lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _mib(v: float | None) -> str:
     return "–" if v is None else f"{v / MIB:,.1f}"
 
 
-def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: str, budget: int) -> str:
+def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: str, budget: int,
+            depth: list[str]) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     quick = [r for r in rows if r.get("point_seconds")]
     acc = accuracy(rows)
@@ -148,8 +205,8 @@ def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: 
         f"engine for ZeRO-2/3), `DiceCELoss`, fresh random images and int64 labels per micro-batch, one warm-up "
         f"step, then one measured step. Measured per rank: {methods(rows)} (the profiler runs from before the model "
         f"is built, so parameters, optimizer states, DeepSpeed's buffers and activations are all counted). "
-        f"Networks: U-Net {UNET}, deep CNN {DEEP_CNN} (and one wider, shallower deep CNN), 3 classes, patch 128 x 128 x "
-        f"16 unless named. DeepSpeed configs: the shipped `pipeline_zero1_cpu_fp32.json` / `plain_zero3.json` with the "
+        f"Networks: U-Net {UNET}, deep CNN {DEEP_CNN}, the same deep CNN at depth {DEEPER_CNN['depth']} (and one "
+        f"wider, shallower deep CNN), 3 classes, patch 128 x 128 x 16 unless named. DeepSpeed configs: the shipped `pipeline_zero1_cpu_fp32.json` / `plain_zero3.json` with the "
         f"point's ZeRO stage and precision, ZeRO buckets of 2^20 elements"
         + (" (one point keeps DeepSpeed's default 5e8)" if any("bucket=" in r["config"] for r in rows) else "")
         + f" and the CSV monitor off. {acc['points']} points, {acc['rows']} rank peaks"
@@ -160,7 +217,7 @@ def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: 
         "peak (backward working set, recomputation, engine copies); *states*: parameters, gradients, fp32 master and "
         "Adam moments under the ZeRO stage; *buckets*: ZeRO communication buffers; *profile leftover*: tensors the "
         "partition profile leaves alive on the ranks that ran it.", "", *rows_markdown(rows), "",
-        "### What limits the numbers", "", *limits(rows, budget), "",
+        "### What limits the numbers", "", *limits(rows, budget), "", *depth,
         "GPU check: `benchmarks/gpu_memory_check.py` (largest bf16 cube of the 25-layer CNN and the U-Net with and "
         "without checkpointing on one GPU, predicted beside measured; stages replayed one at a time); its results "
         "are in the section \"Memory on one GPU\" below.", "",
@@ -219,7 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     from ds_seg3d.bench.report import write_report
 
     write_report(rows, folder, budget=None if args.quick or args.only_partition else budget)
-    text = section(rows, command, sweep, loads, when, budget)
+    depth: list[str] = []
+    if not (args.quick or args.only_partition):
+        from ds_seg3d.bench.charts import plot_depth
+        from ds_seg3d.bench.report import BALANCE
+
+        curve, measured = depth_curve(folder), measured_depth_points(rows)
+        plot_depth(curve, measured, folder / "memory_depth.png", BALANCE)
+        depth = ["### Depth", "",
+                 "Largest stage / (unsplit / p) at m = 1 for the width-8 deep CNN at 128 x 128 x 16, by the planner "
+                 f"(`depth_curve` in this script), with the sweep's measured points; the target is <= {BALANCE}. "
+                 "The full-resolution tail (upsampling, head, loss) and each stage's pipe buffers and backward "
+                 "working set do not divide, so a split approaches 1 / p of the memory only once the divisible "
+                 "body dominates.", "", *depth_markdown(curve, measured), ""]
+    text = section(rows, command, sweep, loads, when, budget, depth)
     results = ROOT / "benchmarks" / "results"
     for chart in CHARTS:
         if (folder / chart).exists():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ds_seg3d.bench.charts import plot_depth
 from ds_seg3d.bench.measure import (
     CPU_METHOD,
     PeakTracker,
@@ -16,7 +17,9 @@ from ds_seg3d.bench.measure import (
     state_tensors,
     unique_storage_bytes,
 )
-from ds_seg3d.bench.report import accuracy, largest_patch, partition_balance, write_report
+from ds_seg3d.bench.report import (
+    accuracy, all_partition_balance, budget_networks, largest_patch, partition_balance, write_report,
+)
 from ds_seg3d.bench.spec import RunSpec
 from ds_seg3d.bench.sweep import (
     COLUMNS,
@@ -129,11 +132,13 @@ def _fake_rows(measured: dict[tuple[int, int], float], spec: RunSpec, group: str
     return rows
 
 
-def test_partition_points_compare_both_methods_for_both_networks():
+def test_partition_points_compare_both_methods_for_every_network():
     pts = partition_points()
-    layouts = {(p.spec.model, p.spec.stages, p.spec.partition) for p in pts if p.spec.stages > 1}
-    assert layouts == {(m, s, k) for m in ("unet3d", "deep_cnn") for s in (2, 4) for k in ("memory", "parameters")}
-    assert {(p.spec.model, p.spec.stages) for p in pts if p.spec.stages == 1} == {("unet3d", 1), ("deep_cnn", 1)}
+    nets = {(p.spec.model, p.spec.params) for p in pts}
+    assert {m for m, _ in nets} == {"unet3d", "deep_cnn"} and len(nets) == 3  # the deep CNN at two depths
+    layouts = {(p.spec.model, p.spec.params, p.spec.stages, p.spec.partition) for p in pts if p.spec.stages > 1}
+    assert layouts == {(*n, s, k) for n in nets for s in (2, 4) for k in ("memory", "parameters")}
+    assert {(p.spec.model, p.spec.params) for p in pts if p.spec.stages == 1} == nets
     assert all(p.spec.micro_batches == 1 and p.spec.ranks == p.spec.stages for p in pts)
     quick = sweep_points(quick=True)
     merged = with_partition_points(quick)
@@ -162,15 +167,36 @@ def test_targets_are_computed_from_rows_and_reports_are_written(tmp_path):
     (lp,) = largest_patch(rows, budget)
     assert (lp["z"], lp["z_next"], lp["pass"]) == (8, 12, True)
 
+    # a second network of the same model: balance and budget checks stay per network
+    d1 = RunSpec(model="deep_cnn", params={"depth": 5, "width": 4}, patch=(32, 32, 8))
+    d2 = d1.with_(params={"depth": 9, "width": 4})
+    for spec, (one, two) in ((d1, (40 * MIB, 30 * MIB)), (d2, (80 * MIB, 45 * MIB))):
+        rows += _fake_rows({(1, 0): one}, spec, "scaling", 1.0)
+        rows += _fake_rows({(2, 0): two, (2, 1): two - MIB}, spec.with_(stages=2, ranks=2), "scaling", 1.0)
+        rows += _fake_rows({(1, 0): 60 * MIB}, spec.with_(patch=(32, 32, 8)), "budget", 1.0)
+        rows += _fake_rows({(1, 0): 70 * MIB}, spec.with_(patch=(32, 32, 16)), "budget", 1.0)
+    assert partition_balance(rows, "deep_cnn") == []  # ambiguous without params
+    entries = all_partition_balance(rows)
+    assert [(e["network"], e["pass"]) for e in entries] == [
+        ("unet3d(base_width=4,levels=2)", True), ("deep_cnn(depth=5,width=4)", False),
+        ("deep_cnn(depth=9,width=4)", True)]
+    assert len(budget_networks(rows)) == 3
+    assert [e["z_next"] for p in budget_networks(rows) for e in largest_patch(rows, budget, p)] == [12, 16, 16]
+
     write_csv(tmp_path / "memory.csv", rows)
     back = read_csv(tmp_path / "memory.csv")
     assert list(back[0]) == COLUMNS and len(back) == len(rows)
     assert accuracy(back)["max_abs_error_pct"] == acc["max_abs_error_pct"]  # strings from the CSV work too
     write_report(back, tmp_path, budget=budget)
     md = (tmp_path / "memory.md").read_text()
-    assert "MISS" in md and "unet3d, p = 2, m = 1" in md and "largest trainable patch" in md
+    assert "MISS" in md and "unet3d(base_width=4,levels=2), p = 2, m = 1" in md
+    assert md.count("largest trainable patch") == 3 and "deep_cnn(depth=9,width=4), p = 2" in md
     for name in ("memory.png", "memory_partition.png", "memory_budget.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = [{"depth": d, "p": p, "partition": m, "ratio": 1 + 4 / d} for d in (5, 9) for p in (2, 4)
+             for m in ("memory", "parameters")]
+    plot_depth(curve, [{"depth": 9, "p": 2, "partition": "memory", "ratio": 1.1}], tmp_path / "depth.png", 1.2)
+    assert (tmp_path / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- one real launch

@@ -59,6 +59,15 @@ def test_slab_calibration_extrapolates_to_the_full_patch():
         assert peak == pytest.approx(full[0], rel=0.005) and rest == pytest.approx(full[1], rel=0.005)
 
 
+def test_bf16_calibrates_on_thicker_slabs_than_fp32():
+    """CPU bf16 kernels curve at small Z: their line is drawn through two and three Z steps, not one and two."""
+    defs, step = TINY.layer_defs(), z_step(TINY)
+    shape = (1, 1, 32, 32, 16)
+    assert StageCalibrator(defs, shape, step, F32, 3).slabs == (step, 2 * step)
+    assert StageCalibrator(defs, shape, step, torch.bfloat16, 3).slabs == (2 * step, 3 * step)
+    assert MemoryModel(TINY.with_(precision="bf16")).calibrator.slabs == (2 * step, 3 * step)
+
+
 def test_stage_zero_holds_one_more_micro_batch_per_extra_in_flight():
     defs = TINY.layer_defs()
     shape = (1, 1, 32, 32, 8)

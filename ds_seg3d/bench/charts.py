@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ds_seg3d.report import save_png
-from ds_seg3d.bench.report import MIB, number, measured_ok, by_config, largest_patch, partition_balance
+from ds_seg3d.bench.report import (
+    MIB, all_partition_balance, budget_networks, by_config, largest_patch, measured_ok, number,
+)
 
 
 def _pyplot():
@@ -80,9 +82,13 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
 def plot_partition(rows: list[dict], path: Path) -> None:
     """m = 1: measured peak of every stage, memory partition beside DeepSpeed's default, with the 1.2 x U / p line."""
     plt = _pyplot()
-    entries = [e for model in ("unet3d", "deep_cnn") for e in partition_balance(rows, model)]
-    fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries) + 1, 3.6), squeeze=False)
-    for ax, e in zip(axes[0], entries):
+    entries = all_partition_balance(rows)
+    cols = min(4, len(entries))
+    nrows = -(-len(entries) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols + 1, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(entries):]:
+        ax.set_visible(False)
+    for ax, e in zip(axes.flat, entries):
         for i, method in enumerate(("memory", "parameters")):
             if method not in e:
                 continue
@@ -92,7 +98,8 @@ def plot_partition(rows: list[dict], path: Path) -> None:
             ax.plot(xs, [v / MIB for v in e[method]["predicted"]], "k_", markersize=12)
         ax.axhline(e["limit"] / MIB, color="k", ls="--", lw=1, label="1.2 x unsplit / p")
         ax.axhline(e["unsplit"] / MIB, color="grey", ls=":", lw=1, label="unsplit")
-        ax.set(title=f"{e['model']}, p = {e['p']}, m = 1", xlabel="stage", ylabel="measured peak, MiB")
+        ax.set_title(f"{e['network']}\np = {e['p']}, m = 1", fontsize=8)
+        ax.set(xlabel="stage", ylabel="measured peak, MiB")
         ax.set_xticks(range(e["p"]))
         ax.legend(fontsize=6)
     fig.suptitle("Measured per-stage peaks (bars) and predictions (black ticks)", fontsize=9)
@@ -102,19 +109,50 @@ def plot_partition(rows: list[dict], path: Path) -> None:
 
 
 def plot_budget(rows: list[dict], budget: int, path: Path) -> None:
-    """Largest patch Z on a budget per stage count: predicted and measured peak at Z and the next Z."""
+    """Largest patch Z on a budget per stage count: predicted and measured peak at Z and the next Z,
+    one panel per network of the check."""
     plt = _pyplot()
-    entries = largest_patch(rows, budget)
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
-    for i, e in enumerate(entries):
-        zs = [e["z"], e["z_next"]]
-        ax.plot(zs, [v / MIB if v else float("nan") for v in (e["predicted"], e["predicted_next"])], "--",
-                color=f"C{i}", label=f"p = {e['p']} predicted")
-        ax.plot(zs, [v / MIB if v else float("nan") for v in (e["measured"], e["measured_next"])], "o",
-                color=f"C{i}", label=f"p = {e['p']} measured (largest Z that fits: {e['z']})")
-    ax.axhline(budget / MIB, color="k", lw=1, label=f"budget {budget / MIB:.0f} MiB")
-    ax.set(xlabel="patch Z (X = Y = 128)", ylabel="largest rank peak, MiB",
-           title=f"Largest patch on {budget / MIB:.0f} MiB per rank (m = 1, memory partition)")
+    nets = budget_networks(rows)
+    fig, axes = plt.subplots(1, len(nets), figsize=(6.2 * len(nets), 3.8), squeeze=False)
+    for ax, params in zip(axes[0], nets):
+        entries = largest_patch(rows, budget, params)
+        for i, e in enumerate(entries):
+            zs = [e["z"], e["z_next"]]
+            ax.plot(zs, [v / MIB if v else float("nan") for v in (e["predicted"], e["predicted_next"])], "--",
+                    color=f"C{i}", label=f"p = {e['p']} predicted")
+            ax.plot(zs, [v / MIB if v else float("nan") for v in (e["measured"], e["measured_next"])], "o",
+                    color=f"C{i}", label=f"p = {e['p']} measured (largest Z that fits: {e['z']})")
+        ax.axhline(budget / MIB, color="k", lw=1, label=f"budget {budget / MIB:.0f} MiB")
+        ax.set(xlabel="patch Z (X = Y = 128)", ylabel="largest rank peak, MiB")
+        ax.set_title(f"{entries[0]['network']}: largest patch on {budget / MIB:.0f} MiB per rank\n"
+                     "(m = 1, memory partition)", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_depth(curve: list[dict], measured: list[dict], path: Path, limit: float) -> None:
+    """Largest stage / (unsplit / p) against network depth: the planner's curve per p and partition
+    (lines), the sweep's measured points (markers) and the target (dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, p in enumerate(sorted({c["p"] for c in curve})):
+        for method, style in (("memory", "-"), ("parameters", ":")):
+            pts = sorted((c["depth"], c["ratio"]) for c in curve if c["p"] == p and c["partition"] == method)
+            ax.plot([d for d, _ in pts], [r for _, r in pts], style, color=f"C{i}",
+                    label=f"p = {p}, {method} partition (planner)")
+        for m in measured:
+            if m["p"] == p:
+                marker = "o" if m["partition"] == "memory" else "x"
+                ax.plot(m["depth"], m["ratio"], marker, color=f"C{i}", markersize=7)
+    ax.axhline(limit, color="k", ls="--", lw=1, label=f"target {limit:g}")
+    ax.plot([], [], "ko", label="measured, memory partition")
+    ax.plot([], [], "kx", label="measured, parameters partition")
+    ax.set(xlabel="deep CNN depth (conv layers, width 8, patch 128 x 128 x 16)",
+           ylabel="largest stage / (unsplit / p)",
+           title="How evenly a pipeline divides memory, m = 1")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()

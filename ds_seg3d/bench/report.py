@@ -61,16 +61,40 @@ def accuracy(rows: list[dict]) -> dict[str, Any]:
             "pass": bool(errors) and max(errors) <= TOLERANCE_PCT and len(configs) >= MIN_POINTS}
 
 
-def partition_balance(rows: list[dict], model: str = "unet3d") -> list[dict[str, Any]]:
-    """m = 1: largest stage's measured peak against the unsplit peak / p, memory vs DeepSpeed's default."""
+def network_label(model: str, params: str | dict) -> str:
+    """``deep_cnn(depth=25,width=8)``: the network part of a configuration label."""
+    import json
+
+    values = json.loads(params) if isinstance(params, str) else dict(params)
+    return f"{model}({','.join(f'{k}={v}' for k, v in sorted(values.items()))})"
+
+
+def networks(rows: list[dict], group: str = "scaling") -> list[tuple[str, str]]:
+    """(model, params) of every network with rows in ``group``, in the order they first appear."""
+    seen: dict[tuple[str, str], None] = {}
+    for r in rows:
+        if r.get("group") == group:
+            seen.setdefault((r["model"], r["params"]), None)
+    return list(seen)
+
+
+def partition_balance(rows: list[dict], model: str = "unet3d", params: str | None = None) -> list[dict[str, Any]]:
+    """m = 1: largest stage's measured peak against the unsplit peak / p, memory vs DeepSpeed's default.
+
+    ``params`` picks one network of ``model`` (the CSV's JSON); without it the model must have one."""
     common = dict(model=model, micro_batches=1, checkpoint=0, zero=1, precision="fp32", plain=False, group="scaling")
+    if params is not None:
+        common["params"] = params
     unsplit = _find(rows, stages=1, **common)
     if not unsplit or not all(measured_ok(r) for r in unsplit):
         return []
     u = _point_peak(unsplit, "measured_peak_bytes")
+    net = network_label(model, unsplit[0]["params"])
     out = []
-    for p in sorted({int(r["stages"]) for r in rows if r["model"] == model and int(r["stages"]) > 1}):
-        entry: dict[str, Any] = {"model": model, "p": p, "unsplit": u, "limit": BALANCE * u / p}
+    mine = [r for r in rows if r["model"] == model and (params is None or r["params"] == params)]
+    for p in sorted({int(r["stages"]) for r in mine if int(r["stages"]) > 1}):
+        entry: dict[str, Any] = {"model": model, "network": net, "params": unsplit[0]["params"], "p": p,
+                                 "unsplit": u, "limit": BALANCE * u / p}
         for method in ("memory", "parameters"):
             pts = _find(rows, stages=p, ranks=p, partition=method, **common)
             if pts and all(measured_ok(r) for r in pts):
@@ -86,9 +110,18 @@ def partition_balance(rows: list[dict], model: str = "unet3d") -> list[dict[str,
     return out
 
 
-def largest_patch(rows: list[dict], budget: int) -> list[dict[str, Any]]:
-    """Per p: the planner's largest Z measured under the budget, and the next Z measured over it."""
-    pts = by_config([r for r in rows if r.get("group") == "budget"])
+def all_partition_balance(rows: list[dict]) -> list[dict[str, Any]]:
+    """``partition_balance`` of every network in the sweep."""
+    return [e for model, params in networks(rows) for e in partition_balance(rows, model, params)]
+
+
+def largest_patch(rows: list[dict], budget: int, params: str | None = None) -> list[dict[str, Any]]:
+    """Per p: the planner's largest Z measured under the budget, and the next Z measured over it
+    (``params``: one network of the budget check, by default the first)."""
+    budget_rows = [r for r in rows if r.get("group") == "budget"]
+    if params is None and budget_rows:
+        params = budget_rows[0]["params"]
+    pts = by_config([r for r in budget_rows if r["params"] == params])
     per_p: dict[int, list[tuple[int, float | None, float | None]]] = defaultdict(list)
     for config_rows in pts.values():
         r0 = config_rows[0]
@@ -100,12 +133,18 @@ def largest_patch(rows: list[dict], budget: int) -> list[dict[str, Any]]:
         entries.sort()
         (z_fit, pred_fit, meas_fit), (z_next, pred_next, meas_next) = entries[0], entries[-1]
         out.append({"p": p, "z": z_fit, "predicted": pred_fit, "measured": meas_fit, "z_next": z_next,
-                    "predicted_next": pred_next, "measured_next": meas_next,
+                    "predicted_next": pred_next, "measured_next": meas_next, "params": params,
+                    "network": network_label("deep_cnn", params),
                     "pass": meas_fit is not None and meas_next is not None and meas_fit <= budget < meas_next})
     grows = all(a["z"] < b["z"] for a, b in zip(out, out[1:]))
     for entry in out:
         entry["grows"] = grows
     return out
+
+
+def budget_networks(rows: list[dict]) -> list[str]:
+    """The params (JSON) of every network in the largest-patch check."""
+    return [params for _, params in networks(rows, group="budget")]
 
 
 # ---------------------------------------------------------------- markdown
@@ -128,22 +167,20 @@ def targets_markdown(rows: list[dict], budget: int | None) -> list[str]:
                  f"{acc['within']} of {acc['rows']} rank peaks on {acc['points']} points; largest error "
                  f"{acc['max_abs_error_pct'] if acc['max_abs_error_pct'] is not None else float('nan'):.1f} %{where}"
                  f"{'; failed points: ' + ', '.join(acc['failed']) if acc['failed'] else ''} | {verdict(acc['pass'])} |")
-    for model in ("unet3d", "deep_cnn"):
-        for e in partition_balance(rows, model):
-            default = e.get("parameters")
-            beside = f"; DeepSpeed's default (parameters): {_mib(default['largest'])} MiB" if default else ""
-            lines.append(f"| {model}, p = {e['p']}, m = 1: largest stage <= 1.2 x unsplit / p (memory partition) | "
-                         f"{_mib(e['memory']['largest'])} MiB vs 1.2 x {_mib(e['unsplit'])} / {e['p']} = "
-                         f"{_mib(e['limit'])} MiB{beside} | {verdict(e['pass'])} |")
+    for e in all_partition_balance(rows):
+        default = e.get("parameters")
+        beside = f"; DeepSpeed's default (parameters): {_mib(default['largest'])} MiB" if default else ""
+        lines.append(f"| {e['network']}, p = {e['p']}, m = 1: largest stage <= 1.2 x unsplit / p (memory "
+                     f"partition) | {_mib(e['memory']['largest'])} MiB vs 1.2 x {_mib(e['unsplit'])} / {e['p']} = "
+                     f"{_mib(e['limit'])} MiB{beside} | {verdict(e['pass'])} |")
     if budget is not None:
-        entries = largest_patch(rows, budget)
-        if entries:
+        for params in budget_networks(rows):
+            entries = largest_patch(rows, budget, params)
             text = "; ".join(f"p = {e['p']}: Z = {e['z']} measures {_mib(e['measured'])} MiB, Z = {e['z_next']} "
                              f"{_mib(e['measured_next'])} MiB" for e in entries)
             ok = all(e["pass"] for e in entries) and entries[0]["grows"]
-            lines.append(f"| largest trainable patch (deep CNN, 128 x 128 x Z) on {budget / MIB:.0f} MiB grows with p "
-                         f"as predicted "
-                         f"| {text} | {verdict(ok)} |")
+            lines.append(f"| largest trainable patch ({entries[0]['network']}, 128 x 128 x Z) on {budget / MIB:.0f} "
+                         f"MiB grows with p as predicted | {text} | {verdict(ok)} |")
     return lines
 
 
@@ -178,9 +215,9 @@ def write_report(rows: list[dict], out: Path, budget: int | None = None) -> None
     from ds_seg3d.bench import charts
 
     charts.plot_sweep(rows, out / "memory.png")
-    if partition_balance(rows):
+    if all_partition_balance(rows):
         charts.plot_partition(rows, out / "memory_partition.png")
-    if budget is not None and largest_patch(rows, budget):
+    if budget is not None and budget_networks(rows):
         charts.plot_budget(rows, budget, out / "memory_budget.png")
 
 

@@ -27,6 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 POINT_SCRIPT = Path(__file__).resolve().with_name("point.py")
 UNET = {"levels": 3, "base_width": 8, "max_width": 32}
 DEEP_CNN = {"depth": 25, "width": 8}
+DEEPER_CNN = {"depth": 121, "width": 8}
+"""The same network five times deeper: what a pipeline is for. Its full-resolution tail (upsampling,
+head, loss), which no split can divide, is a small share of the whole, unlike the 25-layer network's."""
 PATCH = (128, 128, 16)
 BUDGET_MIB = 256
 """Per-rank budget of the largest-patch check (the sweep's models need 100-400 MiB per rank)."""
@@ -80,16 +83,16 @@ def sweep_points(quick: bool) -> list[Point]:
             Point(u.with_(stages=4, ranks=4, micro_batches=8, checkpoint=2), "schedule"),
             Point(u.with_(stages=2, ranks=2, micro_batches=2, bucket=None), "zero"),
         ]
+        pts = with_partition_points(pts)
     return pts
 
 
 def partition_points() -> list[Point]:
-    """The partition comparison: both networks at p = 1, 2, 4 and m = 1, memory beside DeepSpeed's
+    """The partition comparison: the three networks at p = 1, 2, 4 and m = 1, memory beside DeepSpeed's
     default ("parameters") split, enough to check the balance target without the rest of the sweep."""
-    u = RunSpec(model="unet3d", params=tuple(UNET.items()), patch=PATCH)
-    d = RunSpec(model="deep_cnn", params=tuple(DEEP_CNN.items()), patch=PATCH)
     pts = []
-    for base in (u, d):
+    for model, params in (("unet3d", UNET), ("deep_cnn", DEEP_CNN), ("deep_cnn", DEEPER_CNN)):
+        base = RunSpec(model=model, params=tuple(params.items()), patch=PATCH)
         pts.append(Point(base, "scaling"))
         for p in (2, 4):
             pts += [Point(base.with_(stages=p, ranks=p, partition=m), "scaling") for m in ("memory", "parameters")]
@@ -104,8 +107,8 @@ def with_partition_points(points: list[Point]) -> list[Point]:
 
 def budget_points(model: Any, budget: int, stage_counts: tuple[int, ...] = (1, 2, 4)) -> list[Point]:
     """For each p (m = 1, memory partition): the largest patch Z the planner says fits ``budget``,
-    and the next Z up, on a grid of ``BUDGET_STEP`` (the deep CNN: 25 layers to split)."""
-    base = RunSpec(model="deep_cnn", params=tuple(DEEP_CNN.items()), patch=PATCH)
+    and the next Z up, on a grid of ``BUDGET_STEP``, for the network ``model`` (a ``MemoryModel``) predicts."""
+    base = model.base.with_(stages=1, ranks=1, patch=PATCH)
     pts = []
     for p in stage_counts:
         spec = base.with_(stages=p, ranks=p)
@@ -275,9 +278,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-mib", type=int, default=BUDGET_MIB,
                    help="per-rank budget of the largest-patch check (full sweep only)")
     p.add_argument("--partition", action="store_true",
-                   help="add every partition comparison point (both networks, p = 1, 2, 4, m = 1) to --quick")
+                   help="add every partition comparison point (three networks, p = 1, 2, 4, m = 1) to --quick")
     p.add_argument("--only-partition", action="store_true",
-                   help="run the partition comparison points only (10 points)")
+                   help="run the partition comparison points only (15 points)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a point is recorded as timed out")
 
 
@@ -291,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick or args.only_partition
     budget = args.budget_mib * 2**20
     if not quick:
-        budget_model = predictor.model(next(p.spec for p in points if p.spec.model == "deep_cnn"))
-        points += budget_points(budget_model, budget)
+        for params in (DEEP_CNN, DEEPER_CNN):
+            points += budget_points(predictor.model(RunSpec(model="deep_cnn", params=tuple(params.items()),
+                                                            patch=PATCH)), budget)
     rows = run_sweep(points, args.out, args.timeout, predictor=predictor)
     write_report(rows, args.out, budget=None if quick else budget)
     failed = sum(1 for r in rows if not str(r["status"]).startswith("ok"))
