@@ -68,6 +68,15 @@ def test_bf16_calibrates_on_thicker_slabs_than_fp32():
     assert MemoryModel(TINY.with_(precision="bf16")).calibrator.slabs == (2 * step, 3 * step)
 
 
+def test_bf16_held_activations_are_counted_in_bf16_but_split_like_fp32():
+    spec = TINY.with_(stages=2, ranks=2, micro_batches=2)
+    fp32 = MemoryModel(spec).predict(spec)
+    bf16 = MemoryModel(spec.with_(precision="bf16")).predict(spec.with_(precision="bf16"))
+    assert bf16.boundaries == fp32.boundaries  # build_pipeline partitions on the fp32 profile
+    for a, b in zip(fp32.stages, bf16.stages):
+        assert b.held == pytest.approx(a.held / 2, rel=0.05) and b.working >= 0
+
+
 def test_stage_zero_holds_one_more_micro_batch_per_extra_in_flight():
     defs = TINY.layer_defs()
     shape = (1, 1, 32, 32, 8)

@@ -87,7 +87,8 @@ class StagePrediction:
     stop: int
     in_flight: int
     activation_per_micro: int
-    """The partition's cost model: stage input + saved activations of one micro-batch."""
+    """The partition's cost model, in the run's precision: stage input + saved activations of one
+    micro-batch."""
     held: int
     """Activations x in-flight, or with checkpointing the checkpoint boundaries x in-flight."""
     pipe_buffers: int
@@ -154,6 +155,7 @@ class MemoryModel:
         self.calibrator = StageCalibrator(self.defs, spec.sample_shape, self.step, spec.dtype, spec.classes,
                                           self.device)
         self._profiles: dict[tuple[int, ...], tuple[list[LayerProfile], int]] = {}
+        self._held_profiles: dict[tuple, list[LayerProfile]] = {}
 
     def _compatible(self, spec: RunSpec) -> None:
         b = self.base
@@ -180,6 +182,19 @@ class MemoryModel:
             self._profiles[shape] = (profile, max(0, tracker.result("profile").end - tracker.result("profile").start))
         return self._profiles[shape]
 
+    def held_profile(self, spec: RunSpec) -> list[LayerProfile]:
+        """The per-layer profile in the run's precision, for the *held* figure: ``build_pipeline``
+        partitions on an fp32 profile (its proportions are what a split needs), but a bf16 stage
+        holds bf16 activations."""
+        if spec.dtype == torch.float32:
+            return self.profile(spec)[0]
+        key = (*spec.sample_shape, str(spec.dtype))
+        if key not in self._held_profiles:
+            from ds_seg3d.parallel.pipeline import stage_profile
+
+            self._held_profiles[key] = stage_profile(self.defs, spec.sample_shape, dtype=spec.dtype)
+        return self._held_profiles[key]
+
     def boundaries(self, spec: RunSpec) -> list[int]:
         """The split ``build_pipeline`` will use for ``spec``."""
         if spec.plain or spec.stages == 1:
@@ -203,7 +218,8 @@ class MemoryModel:
     def predict_stage(self, spec: RunSpec, start: int, stop: int, stage: int) -> StagePrediction:
         """One stage's peak: it depends on its own layers and position only, not on the other cuts."""
         self._compatible(spec)
-        profile, leftover = self.profile(spec)
+        leftover = self.profile(spec)[1]
+        profile = self.held_profile(spec)
         if spec.plain:
             leftover = 0
         n = 1 if spec.plain else in_flight(stage, spec.stages, spec.micro_batches)
