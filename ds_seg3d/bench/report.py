@@ -121,7 +121,8 @@ def largest_patch(rows: list[dict], budget: int, params: str | None = None) -> l
     budget_rows = [r for r in rows if r.get("group") == "budget"]
     if params is None and budget_rows:
         params = budget_rows[0]["params"]
-    pts = by_config([r for r in budget_rows if r["params"] == params])
+    mine = [r for r in budget_rows if r["params"] == params]
+    pts = by_config(mine)
     per_p: dict[int, list[tuple[int, float | None, float | None]]] = defaultdict(list)
     for config_rows in pts.values():
         r0 = config_rows[0]
@@ -134,7 +135,7 @@ def largest_patch(rows: list[dict], budget: int, params: str | None = None) -> l
         (z_fit, pred_fit, meas_fit), (z_next, pred_next, meas_next) = entries[0], entries[-1]
         out.append({"p": p, "z": z_fit, "predicted": pred_fit, "measured": meas_fit, "z_next": z_next,
                     "predicted_next": pred_next, "measured_next": meas_next, "params": params,
-                    "network": network_label("deep_cnn", params),
+                    "network": network_label(mine[0]["model"], params),
                     "pass": meas_fit is not None and meas_next is not None and meas_fit <= budget < meas_next})
     grows = all(a["z"] < b["z"] for a, b in zip(out, out[1:]))
     for entry in out:

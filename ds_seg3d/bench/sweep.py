@@ -274,7 +274,8 @@ def run_sweep(points: list[Point], out: Path, timeout: float = 600.0, device: st
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for memory.csv, memory.png, memory.md")
-    p.add_argument("--quick", action="store_true", help="15 points, every swept dimension at least once (12 min on 2 shared cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="15 points, every swept dimension at least once (about 6 min on 2 shared cores)")
     p.add_argument("--budget-mib", type=int, default=BUDGET_MIB,
                    help="per-rank budget of the largest-patch check (full sweep only)")
     p.add_argument("--partition", action="store_true",
