@@ -18,7 +18,7 @@ from ds_seg3d.bench.measure import (
     unique_storage_bytes,
 )
 from ds_seg3d.bench.report import (
-    accuracy, all_partition_balance, budget_networks, largest_patch, partition_balance, write_report,
+    accuracy, all_partition_balance, budget_networks, largest_patch, partition_balance, rows_markdown, write_report,
 )
 from ds_seg3d.bench.spec import RunSpec
 from ds_seg3d.bench.sweep import (
@@ -175,6 +175,10 @@ def test_targets_are_computed_from_rows_and_reports_are_written(tmp_path):
         rows += _fake_rows({(2, 0): two, (2, 1): two - MIB}, spec.with_(stages=2, ranks=2), "scaling", 1.0)
         rows += _fake_rows({(1, 0): 60 * MIB}, spec.with_(patch=(32, 32, 8)), "budget", 1.0)
         rows += _fake_rows({(1, 0): 70 * MIB}, spec.with_(patch=(32, 32, 16)), "budget", 1.0)
+    before = accuracy(rows)
+    rows += _fake_rows({(1, 0): 40 * MIB}, d1, "budget", 1.0)  # d1's unsplit point serves both checks
+    assert accuracy(rows)["rows"] == before["rows"] and accuracy(rows)["points"] == before["points"]
+    assert rows_markdown(rows) == rows_markdown(rows[:-1])  # listed once
     assert partition_balance(rows, "deep_cnn") == []  # ambiguous without params
     entries = all_partition_balance(rows)
     assert [(e["network"], e["pass"]) for e in entries] == [
@@ -182,6 +186,7 @@ def test_targets_are_computed_from_rows_and_reports_are_written(tmp_path):
         ("deep_cnn(depth=9,width=4)", True)]
     assert len(budget_networks(rows)) == 3
     assert [e["z_next"] for p in budget_networks(rows) for e in largest_patch(rows, budget, p)] == [12, 16, 16]
+    assert [e["z"] for e in largest_patch(rows, budget, budget_networks(rows)[1])] == [8]
 
     write_csv(tmp_path / "memory.csv", rows)
     back = read_csv(tmp_path / "memory.csv")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ds_seg3d.report import save_png
 from ds_seg3d.bench.report import (
-    MIB, all_partition_balance, budget_networks, by_config, largest_patch, measured_ok, number,
+    MIB, all_partition_balance, budget_networks, by_config, largest_patch, measured_ok, number, unique_rows,
 )
 
 
@@ -46,7 +46,7 @@ def short_label(row: dict) -> str:
 def plot_sweep(rows: list[dict], path: Path) -> None:
     """Per configuration, one pair of bars per rank: predicted (hatched) beside measured (solid)."""
     plt = _pyplot()
-    configs = by_config(rows)
+    configs = by_config(unique_rows(rows))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(configs) + 3), 6.5))
     x, ticks, labels = 0.0, [], []
     width = 0.38

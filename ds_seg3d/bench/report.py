@@ -35,6 +35,19 @@ def by_config(rows: list[dict]) -> dict[str, list[dict]]:
     return dict(out)
 
 
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """One row per (configuration, rank): a configuration that serves two checks (a partition point
+    that is also a largest-patch point) is measured once but listed under both groups."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in rows:
+        key = (r["config"], str(r["rank"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def _point_peak(rows: list[dict], key: str) -> float | None:
     values = [number(r, key) for r in rows]
     return None if any(v is None for v in values) or not values else max(values)
@@ -51,7 +64,7 @@ def _find(rows: list[dict], **match: Any) -> list[dict]:
 
 def accuracy(rows: list[dict]) -> dict[str, Any]:
     """Prediction within +-10 % of the measured peak on every rank of every measured point."""
-    measured = [r for r in rows if measured_ok(r) and number(r, "predicted_peak_bytes")]
+    measured = [r for r in unique_rows(rows) if measured_ok(r) and number(r, "predicted_peak_bytes")]
     configs = by_config(measured)
     errors = [abs(number(r, "error_pct")) for r in measured]
     failed = sorted({r["config"] for r in rows if not measured_ok(r)})
@@ -189,7 +202,7 @@ def rows_markdown(rows: list[dict]) -> list[str]:
     lines = ["| configuration | rank | stage | in-flight | predicted MiB | measured MiB | error % | peak at | held | "
              "pipe buffers | working set | states | buckets | profile leftover |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in unique_rows(rows):
         err = number(r, "error_pct")
         states = sum(number(r, k) or 0 for k in ("pred_params_bytes", "pred_grads_bytes", "pred_optimizer_bytes"))
         status = "" if measured_ok(r) else f" ({r['status']})"
