@@ -28,7 +28,7 @@ from ds_seg3d.bench.report import (  # noqa: E402
     targets_markdown,
 )
 from ds_seg3d.bench.sweep import BUDGET_MIB, DEEP_CNN, DEEPER_CNN, UNET, read_csv, sweep_points  # noqa: E402
-from ds_seg3d.report import write_section
+from ds_seg3d.report import write_csv_atomic, write_section
 
 SECTION = "## Memory scaling"
 CHARTS = ("memory.png", "memory_partition.png", "memory_budget.png", "memory_depth.png")
@@ -147,12 +147,7 @@ def depth_curve(folder: Path, depths: tuple[int, ...] = DEPTHS) -> list[dict]:
                 rows.append({"depth": depth, "p": p, "partition": method, "unsplit_bytes": unsplit,
                              "largest_bytes": pred.max_peak, "boundaries": pred.boundaries,
                              "ratio": pred.max_peak / (unsplit / p)})
-    tmp = path.with_name(".depth.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(path, rows)
     return rows
 
 

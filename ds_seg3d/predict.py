@@ -12,7 +12,6 @@ model too large for one device, launch the same module pipelined:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from ds_seg3d.inference import sliding_window_inference
 from ds_seg3d.metrics import volumes_ml
 from ds_seg3d.models import MODEL_CONFIGS, build_layers
 from ds_seg3d.models.layers import build_sequential
+from ds_seg3d.report import write_csv_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,12 +94,7 @@ def output_name(path: Path) -> str:
 
 def write_volumes(rows: list[dict], out_dir: Path) -> Path:
     path = out_dir / "volumes.csv"
-    tmp = out_dir / ".tmp-volumes.csv"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(path, rows)
     return path
 
 

@@ -5,7 +5,9 @@ rename), so several scripts can each own a section of the same file.
 """
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Sequence
 from typing import Any
 import platform
 from importlib import metadata
@@ -45,6 +47,18 @@ def replace_section(path: Path, heading: str, body: str, intro: str = "") -> Non
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(".tmp-" + path.name)
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(path: Path, rows: Sequence[dict], fieldnames: Sequence[str] | None = None) -> None:
+    """Rows as CSV under ``fieldnames`` (default: the first row's keys; None and missing values are
+    written empty, other keys ignored): temp name, then rename."""
+    fields = list(fieldnames if fieldnames is not None else rows[0])
+    tmp = path.with_name(".tmp-" + path.name)
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: v for k, v in row.items() if v is not None} for row in rows)
     os.replace(tmp, path)
 
 

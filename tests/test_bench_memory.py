@@ -191,6 +191,8 @@ def test_targets_are_computed_from_rows_and_reports_are_written(tmp_path):
     write_csv(tmp_path / "memory.csv", rows)
     back = read_csv(tmp_path / "memory.csv")
     assert list(back[0]) == COLUMNS and len(back) == len(rows)
+    assert back[0]["boundaries"] == "" and rows[0].get("boundaries") is None  # no prediction: empty cell
+    assert not list(tmp_path.glob(".tmp-*"))  # written under a temp name, then renamed
     assert accuracy(back)["max_abs_error_pct"] == acc["max_abs_error_pct"]  # strings from the CSV work too
     write_report(back, tmp_path, budget=budget)
     md = (tmp_path / "memory.md").read_text()

@@ -6,10 +6,11 @@ in both always come from one table of measured rows.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from ds_seg3d.report import write_text_atomic
 
 MIB = 2**20
 TOLERANCE_PCT = 10.0
@@ -225,7 +226,7 @@ def write_report(rows: list[dict], out: Path, budget: int | None = None) -> None
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Memory sweep", "", f"Measured with: {methods(rows)} (per rank, one training step after a warm-up step).",
           "", *targets_markdown(rows, budget), "", *rows_markdown(rows), ""]
-    _atomic_text(out / "memory.md", "\n".join(md))
+    write_text_atomic(out / "memory.md", "\n".join(md))
     from ds_seg3d.bench import charts
 
     charts.plot_sweep(rows, out / "memory.png")
@@ -233,9 +234,3 @@ def write_report(rows: list[dict], out: Path, budget: int | None = None) -> None
         charts.plot_partition(rows, out / "memory_partition.png")
     if budget is not None and budget_networks(rows):
         charts.plot_budget(rows, budget, out / "memory_budget.png")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

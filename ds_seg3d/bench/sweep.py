@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_seg3d.bench.spec import RunSpec
+from ds_seg3d.report import write_csv_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POINT_SCRIPT = Path(__file__).resolve().with_name("point.py")
@@ -217,13 +218,7 @@ def rows_for(point: Point, prediction: Any, records: list[dict[str, Any]], launc
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k, "")) for k in COLUMNS})
-    os.replace(tmp, path)
+    write_csv_atomic(path, rows, COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict]:
