@@ -127,7 +127,8 @@ def depth_curve(folder: Path, depths: tuple[int, ...] = DEPTHS) -> list[dict]:
 
     path = folder / "depth.csv"
     if path.exists():
-        rows = list(csv.DictReader(open(path)))
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
         if sorted({int(r["depth"]) for r in rows}) == sorted(depths):
             return [dict(r, depth=int(r["depth"]), p=int(r["p"]), ratio=float(r["ratio"])) for r in rows]
     from tqdm import tqdm
