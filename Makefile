@@ -23,14 +23,14 @@ venv: $(VENV)/.installed
 demo: venv
 	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_OUT)
 
-test: venv
+test: venv cluster-deps
 	OMP_NUM_THREADS=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
 
-# sshd, pdsh and ip for the simulated two-node cluster of the multi-node tests (Debian/Ubuntu).
-# Installs only what is missing, so it costs nothing when run before every `make test`.
+# sshd, pdsh and ip for the simulated two-node cluster of the multi-node tests (Debian/Ubuntu); `make test`
+# runs it first. Installs only what is missing, so it costs nothing once they are there.
 .PHONY: cluster-deps
 cluster-deps:
 	@if [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null && command -v ip >/dev/null; then \

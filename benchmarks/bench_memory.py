@@ -23,12 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from ds_seg3d.bench.report import (  # noqa: E402
-    MIB, accuracy, all_partition_balance, budget_networks, by_config, largest_patch, methods, number, rows_markdown,
-    targets_markdown,
+from ds_seg3d.memory.checks import (  # noqa: E402
+    MIB,
+    accuracy,
+    all_partition_balance,
+    budget_networks,
+    by_config,
+    largest_patch,
+    number,
 )
-from ds_seg3d.bench.sweep import BUDGET_MIB, DEEP_CNN, DEEPER_CNN, UNET, read_csv, sweep_points  # noqa: E402
-from ds_seg3d.report import write_csv_atomic, write_section
+from ds_seg3d.memory.sweep import BUDGET_MIB, DEEP_CNN, DEEPER_CNN, UNET, read_csv, sweep_points  # noqa: E402
+from ds_seg3d.memory.tables import methods, rows_markdown, targets_markdown  # noqa: E402
+from ds_seg3d.results import write_csv_atomic, write_section
 
 SECTION = "## Memory scaling"
 CHARTS = ("memory.png", "memory_partition.png", "memory_budget.png", "memory_depth.png")
@@ -109,9 +115,9 @@ def planner_best(model: str, params: str, stages: int) -> tuple[list[int], int, 
     (``memory_model.best_split``)."""
     import json
 
-    from ds_seg3d.bench.memory_model import MemoryModel, best_split
-    from ds_seg3d.bench.spec import RunSpec
-    from ds_seg3d.bench.sweep import PATCH
+    from ds_seg3d.memory.prediction import MemoryModel, best_split
+    from ds_seg3d.memory.spec import RunSpec
+    from ds_seg3d.memory.sweep import PATCH
 
     spec = RunSpec(model=model, params=tuple(json.loads(params).items()), patch=PATCH, stages=stages, ranks=stages)
     return best_split(MemoryModel(spec), spec)
@@ -133,9 +139,9 @@ def depth_curve(folder: Path, depths: tuple[int, ...] = DEPTHS) -> list[dict]:
             return [dict(r, depth=int(r["depth"]), p=int(r["p"]), ratio=float(r["ratio"])) for r in rows]
     from tqdm import tqdm
 
-    from ds_seg3d.bench.memory_model import MemoryModel
-    from ds_seg3d.bench.spec import RunSpec
-    from ds_seg3d.bench.sweep import PATCH
+    from ds_seg3d.memory.prediction import MemoryModel
+    from ds_seg3d.memory.spec import RunSpec
+    from ds_seg3d.memory.sweep import PATCH
 
     rows = []
     for depth in tqdm(depths, desc="depth curve (planner)", unit="depth"):
@@ -195,8 +201,8 @@ def section(rows: list[dict], command: str, sweep: str, loads: list[str], when: 
     lines = [
         SECTION, "", f"Written by `{command}` on {now}, from the sweep `{sweep}`.  ", f"Machine: {machine(loads, when)}.",
         "",
-        f"Every point is first predicted by the planner (`ds_seg3d.bench.memory_model`, as `python -m ds_seg3d plan` "
-        f"uses it), then launched on real ranks with the `deepspeed` launcher (`ds_seg3d/bench/point.py`): the "
+        f"Every point is first predicted by the planner (`ds_seg3d.memory.prediction`, as `python -m ds_seg3d plan` "
+        f"uses it), then launched on real ranks with the `deepspeed` launcher (`ds_seg3d.memory.point`): the "
         f"pipeline built by `build_pipeline` and `initialize_pipeline` as `ds_seg3d.train` builds it (or the plain "
         f"engine for ZeRO-2/3), `DiceCELoss`, fresh random images and int64 labels per micro-batch, one warm-up "
         f"step, then one measured step. Measured per rank: {methods(rows)} (the profiler runs from before the model "
@@ -269,13 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = read_csv(csv_path)
     budget = args.budget_mib * MIB
-    from ds_seg3d.bench.report import write_report
+    from ds_seg3d.memory.tables import write_report
 
     write_report(rows, folder, budget=None if args.quick or args.only_partition else budget)
     depth: list[str] = []
     if not (args.quick or args.only_partition):
-        from ds_seg3d.bench.charts import plot_depth
-        from ds_seg3d.bench.report import BALANCE
+        from ds_seg3d.memory.charts import plot_depth
+        from ds_seg3d.memory.checks import BALANCE
 
         curve, measured = depth_curve(folder), measured_depth_points(rows)
         plot_depth(curve, measured, folder / "memory_depth.png", BALANCE)

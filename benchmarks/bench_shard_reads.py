@@ -35,11 +35,11 @@ import nibabel as nib  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_tools.phantoms import generate_case  # noqa: E402
-from data_tools.preprocess import CT_BODY_HU  # noqa: E402
 from ds_seg3d.data import shard_format as sf  # noqa: E402
 from ds_seg3d.data.geometry import largest_component  # noqa: E402
+from ds_seg3d.data.preprocess import CT_BODY_HU  # noqa: E402
 from ds_seg3d.data.reader import ShardReader  # noqa: E402
-from ds_seg3d.report import save_png, write_section
+from ds_seg3d.results import save_png, write_section
 
 CASE_ID = "bench_000"
 SECTION = "## Shard reads"

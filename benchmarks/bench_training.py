@@ -30,8 +30,9 @@ for path in (ROOT, Path(__file__).resolve().parent):  # run as a plain script fr
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from ds_seg3d.report import save_png, write_section  # noqa: E402
 from training_ranks import CLASSES, MODELS, MS, PATCH, SEED, STAGES  # noqa: E402
+
+from ds_seg3d.results import save_png, write_section  # noqa: E402
 
 SECTION = "## Training step"
 RANKS = Path(__file__).resolve().with_name("training_ranks.py")

@@ -1,9 +1,9 @@
 """GPU check of the memory planner (one GPU, bf16, under 10 minutes): largest trainable cube, predicted vs measured.
 
 For the 25-layer deep CNN and the U-Net (their default sizes) with and without activation
-checkpointing, the planner (``ds_seg3d.bench.memory_model``, calibrated on thin slabs) picks the
+checkpointing, the planner (``ds_seg3d.memory.prediction``, calibrated on thin slabs) picks the
 largest cube edge whose single-stage training step fits the budget; that cube and the next one are
-then trained for real (``ds_seg3d/bench/point.py`` under the ``deepspeed`` launcher, one rank,
+then trained for real (``ds_seg3d/memory/point.py`` under the ``deepspeed`` launcher, one rank,
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), so the table shows the
 planner's prediction beside each measured peak, and whether the next cube runs out of memory.
 
@@ -27,10 +27,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from ds_seg3d.bench.calibrate import StageKey, replay_peak  # noqa: E402
-from ds_seg3d.bench.memory_model import MemoryModel, z_step  # noqa: E402
-from ds_seg3d.bench.spec import RunSpec  # noqa: E402
-from ds_seg3d.bench.sweep import launch  # noqa: E402
+from ds_seg3d.memory.calibration import StageKey, replay_peak  # noqa: E402
+from ds_seg3d.memory.prediction import MemoryModel, z_step  # noqa: E402
+from ds_seg3d.memory.spec import RunSpec  # noqa: E402
+from ds_seg3d.memory.sweep import launch  # noqa: E402
 
 GIB = 2**30
 MODELS = {"deep_cnn": {}, "unet3d": {}}  # the networks' default sizes: 25 layers x 32 channels; 4-level U-Net

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from ds_seg3d.losses import DiceCELoss  # noqa: E402
 from ds_seg3d.models import DeepCNNConfig, UNet3DConfig, as_tuple, build_layers, build_sequential  # noqa: E402
+from ds_seg3d.training.losses import DiceCELoss  # noqa: E402
 
 DS_CONFIG = ROOT / "ds_configs" / "pipeline_zero1_cpu_fp32.json"
 PATCH, CLASSES, SEED, STAGES, MS = (64, 64, 32), 3, 1234, 2, (1, 2, 4, 8)
@@ -112,8 +112,14 @@ def build_engine(name: str, stages: int, method: str, work: Path) -> tuple[Any, 
     """The shipped ZeRO-1 config and seeded layers, built the way ``ds_seg3d.train`` builds them."""
     from deepspeed import comm as dist
 
-    from ds_seg3d.parallel import (Topology, build_pipeline, fill_batch_fields, init_distributed,
-                                   initialize_pipeline, load_ds_config)
+    from ds_seg3d.parallel import (
+        Topology,
+        build_pipeline,
+        fill_batch_fields,
+        init_distributed,
+        initialize_pipeline,
+        load_ds_config,
+    )
 
     init_distributed()
     topo = Topology(dist.get_world_size(), stages, micro_batch=1, grad_accum=MS[0])

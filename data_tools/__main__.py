@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from data_tools import build_shards, halves, inspect_shards, phantoms
-from data_tools.errors import DataError
+from ds_seg3d.data.errors import DataError
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -21,14 +21,25 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.errors import DataError
+from data_tools.cases import case_statistics, load_case
 from data_tools.layouts import CaseSpec, LabelMap, SourceDataset, detect_layout, parse_label_map
-from data_tools.preprocess import PreprocessOptions, case_statistics, load_case, preprocess_arrays
 from data_tools.splits import make_splits
+from ds_seg3d.data.errors import DataError
 from ds_seg3d.data.geometry import voxel_spacing
-from ds_seg3d.data.shard_format import (CODECS, DEFAULT_CHUNK, DEFAULT_CODEC, MANIFEST_NAME, SHARD_PATTERN,
-                                        CaseRecord, ShardWriter, codec_options, load_manifest, sha256_file,
-                                        write_manifest)
+from ds_seg3d.data.preprocess import PreprocessOptions, preprocess_arrays
+from ds_seg3d.data.shard_format import (
+    CODECS,
+    DEFAULT_CHUNK,
+    DEFAULT_CODEC,
+    MANIFEST_NAME,
+    SHARD_PATTERN,
+    CaseRecord,
+    ShardWriter,
+    codec_options,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
 
 _TMP = ".tmp"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data_tools.errors import DataError
 from data_tools.phantoms import atomic_msd_folder, save_nifti
+from ds_seg3d.data.errors import DataError
 
 
 def parse_labels(spec: str, path: Path) -> dict[str, list[int]]:

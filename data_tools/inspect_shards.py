@@ -16,8 +16,17 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.build_shards import is_shard_name
-from ds_seg3d.data.shard_format import (FOREGROUND, IMAGE, LABEL, MANIFEST_NAME, case_group, case_ids,
-                                        load_manifest, open_shard, sha256_file)
+from ds_seg3d.data.shard_format import (
+    FOREGROUND,
+    IMAGE,
+    LABEL,
+    MANIFEST_NAME,
+    case_group,
+    case_ids,
+    load_manifest,
+    open_shard,
+    sha256_file,
+)
 
 
 def verify(folder: str | os.PathLike) -> list[str]:

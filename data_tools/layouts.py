@@ -46,7 +46,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from data_tools.errors import DataError
+from ds_seg3d.data.errors import DataError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 TOTALSEG_IMAGES = {"ct.nii.gz": "CT", "mri.nii.gz": "MR"}

@@ -29,10 +29,26 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.errors import DataError
-from data_tools.phantom_anatomy import (BODY_WIDTH, DEFAULT_SHAPE, ENHANCED, GENERATOR_VERSION, HU_RANGES,
-                                        INPLANE_SPACING, LABELS, MIN_SHAPE, PLANES, PSOAS_CONTRAST, SHAPE_JITTER,
-                                        SLICE_SPACING, SOFT, TASKS, TISSUES, Phantom, render_case)
+from data_tools.phantom_anatomy import (
+    BODY_WIDTH,
+    DEFAULT_SHAPE,
+    ENHANCED,
+    GENERATOR_VERSION,
+    HU_RANGES,
+    INPLANE_SPACING,
+    LABELS,
+    MIN_SHAPE,
+    PLANES,
+    PSOAS_CONTRAST,
+    SHAPE_JITTER,
+    SLICE_SPACING,
+    SOFT,
+    TASKS,
+    TISSUES,
+    Phantom,
+    render_case,
+)
+from ds_seg3d.data.errors import DataError
 
 __all__ = ["BODY_WIDTH", "DEFAULT_SHAPE", "ENHANCED", "GENERATOR_VERSION", "HU_RANGES", "INPLANE_SPACING", "LABELS",
            "MIN_SHAPE", "PLANES", "PREVIEW_WINDOW", "PSOAS_CONTRAST", "SHAPE_JITTER", "SLICE_SPACING", "SOFT", "TASKS",

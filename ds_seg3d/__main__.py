@@ -1,38 +1,51 @@
-"""``python -m ds_seg3d <command>`` (console script ``ds-seg3d``).
+"""``python -m ds_seg3d <command>`` (console script ``ds-seg3d``): one table dispatches every command.
 
-Training runs under the DeepSpeed launcher: ``deepspeed --module ds_seg3d.train ...``.
+Each command is a module with ``add_arguments(parser)`` and ``run(args) -> exit status``, imported only
+when chosen, so ``ds-seg3d plan`` never pays for DeepSpeed. Training runs under the DeepSpeed
+launcher instead: ``deepspeed --module ds_seg3d.train ...``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "predict": ("ds_seg3d.inference.predict", "label NIfTI files with a trained run (sliding windows)"),
+    "evaluate": ("ds_seg3d.evaluation.evaluate", "Dice, HD95 and volume agreement of label NIfTIs with "
+                                                 "reference labels (CSV, summary, Bland-Altman PNG)"),
+    "plan": ("ds_seg3d.memory.planner", "stages, micro-batches, checkpointing and ZeRO that fit a memory budget"),
+    "bench memory": ("ds_seg3d.memory.sweep", "per-rank peak memory over a sweep, predicted beside measured"),
+    "experiment": ("ds_seg3d.experiment.run", "a named comparison end to end: data, shards, training per arm, scores"),
+}
+"""Command (``"group name"`` for a sub-command) -> (module, help)."""
+
+
+def make_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with the arguments of the one command that ``argv`` names (the others stay unloaded)."""
+    parser = argparse.ArgumentParser(prog="ds-seg3d", description="Pipelined 3D CNN segmentation with DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (module, help_text) in COMMANDS.items():
+        *group, leaf = name.split()
+        where = sub
+        if group:
+            if group[0] not in groups:
+                g = sub.add_parser(group[0], help=f"{group[0]} commands")
+                groups[group[0]] = g.add_subparsers(dest=f"{group[0]}_command", required=True)
+            where = groups[group[0]]
+        p = where.add_parser(leaf, help=help_text)
+        chosen = argv[:len(group) + 1] == [*group, leaf]
+        if chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ds_seg3d import evaluate, experiment, predict
-
-    parser = argparse.ArgumentParser(prog="ds-seg3d", description="Pipelined 3D CNN segmentation with DeepSpeed.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="label NIfTI files with a trained run (sliding windows)")
-    predict.add_arguments(p)
-    p.set_defaults(func=predict.run)
-    e = sub.add_parser("evaluate", help="Dice, HD95 and volume agreement of label NIfTIs with reference labels (CSV, summary, Bland-Altman PNG)")
-    evaluate.add_arguments(e)
-    e.set_defaults(func=evaluate.run)
-    from ds_seg3d.bench import plan, sweep
-
-    pl = sub.add_parser("plan", help="stages, micro-batches, checkpointing and ZeRO that fit a memory budget")
-    plan.add_arguments(pl)
-    pl.set_defaults(func=plan.run)
-    b = sub.add_parser("bench", help="measured benchmarks")
-    bench = b.add_subparsers(dest="bench_command", required=True)
-    bm = bench.add_parser("memory", help="per-rank peak memory over a sweep, predicted beside measured")
-    sweep.add_arguments(bm)
-    bm.set_defaults(func=sweep.run)
-    x = sub.add_parser("experiment", help="a named comparison end to end: phantoms, shards, training per arm, scores")
-    experiment.add_arguments(x)
-    x.set_defaults(func=experiment.run)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = make_parser(argv).parse_args(argv)
     return args.func(args)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from ds_seg3d.models import MODEL_CONFIGS
+from ds_seg3d.paths import resolve
 
 
 @dataclasses.dataclass
@@ -243,11 +244,13 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Load a TOML experiment file (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a TOML experiment file (or the defaults when ``path`` is None) and apply overrides.
+
+    A relative ``experiments/<name>.toml`` that does not exist here is the shipped file of that name."""
     if path is None:
         cfg = ExperimentConfig()
     else:
-        path = Path(path)
+        path = resolve(path)
         try:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:

@@ -9,34 +9,15 @@ launcher, so rank scripts must accept it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ds_seg3d.parallel.launch import deepspeed_launcher, free_port  # noqa: F401 (free_port: for the tests)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANKS_DIR = Path(__file__).resolve().parent / "ranks"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the launcher's rendezvous port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_executable() -> str:
-    """The launcher of the interpreter running the tests (the venv's), else the one on PATH."""
-    beside = Path(sys.executable).with_name("deepspeed")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("deepspeed")
-    if found is None:
-        raise FileNotFoundError("the deepspeed launcher is not installed next to python nor on PATH")
-    return found
 
 
 def tail(text: str, lines: int = 60) -> str:
@@ -72,7 +53,7 @@ def run_deepspeed(
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), run_env.get("PYTHONPATH", "")) if p)
     port = free_port()
     cmd = [
-        deepspeed_executable(), "--num_gpus", str(num_ranks), "--master_port", str(port),
+        deepspeed_launcher(), "--num_gpus", str(num_ranks), "--master_port", str(port),
         *target, *map(str, args),
     ]
     proc = subprocess.Popen(

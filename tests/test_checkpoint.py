@@ -21,7 +21,7 @@ from ds_seg3d.checkpoint import (
     write_latest,
 )
 from ds_seg3d.models import UNet3DConfig, build_layers, build_sequential
-from ds_seg3d.run_log import METRICS, MetricsLog, plot_training_curve, read_metrics
+from ds_seg3d.training.run_log import METRICS, MetricsLog, plot_training_curve, read_metrics
 
 torch.set_num_threads(1)
 

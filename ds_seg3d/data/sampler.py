@@ -18,7 +18,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ds_seg3d.data.augment import AugmentConfig, augment as apply_augment
+from ds_seg3d.data.augment import AugmentConfig
+from ds_seg3d.data.augment import augment as apply_augment
 from ds_seg3d.data.reader import ShardReader
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_seg3d.parallel.topology import Topology
+from ds_seg3d.paths import resolve
 
 MICRO = "train_micro_batch_size_per_gpu"
 ACCUM = "gradient_accumulation_steps"
@@ -26,8 +27,10 @@ REQUIRED_FIELDS = (MICRO, ACCUM)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config; a missing or malformed file is a one-line ``ValueError``."""
-    path = Path(path)
+    """Read a DeepSpeed JSON config; a missing or malformed file is a one-line ``ValueError``.
+
+    A relative ``ds_configs/<name>.json`` that does not exist here is the shipped file of that name."""
+    path = resolve(path)
     try:
         text = path.read_text()
     except OSError as err:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import PipelineModule
 
 from ds_seg3d.parallel.ds_config import check_ds_config, topology_for
+from ds_seg3d.parallel.launch import free_port
 from ds_seg3d.parallel.topology import Topology
 
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -45,7 +39,7 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend is None:
         backend = get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)

@@ -17,7 +17,7 @@ copy of what it received (the pipe buffer DeepSpeed keeps until backward), which
 skips crossing a boundary show up. ``stage_fixed_bytes`` is what a stage holds once: receive and
 gradient buffers, the backward working set of its largest layer, and on the last stage the loss.
 Parameters, gradients and optimizer states are reported apart. The planner
-(``ds_seg3d.bench.memory_model``) replays each stage exactly; this model only has to rank splits.
+(``ds_seg3d.memory.prediction``) replays each stage exactly; this model only has to rank splits.
 
 Pure torch: no DeepSpeed import, so the planner can use it without launching anything.
 """
@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from ds_seg3d.parallel.topology import in_flight
 
+MIN_PROFILE_EDGE = 8
+"""Smallest spatial edge a reduced profiling shape may have (see ``stage_profile``)."""
 LOSS_TENSORS = 8.0
 """Logits-sized tensors the last stage holds for the loss (see ``stage_fixed_bytes``)."""
 
@@ -205,6 +207,41 @@ def scale_profile(
                 output_bytes=scaled(p.output_bytes), largest_bytes=scaled(p.largest_bytes))
         for p in profile
     ]
+
+
+def _reduced_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Batch 1 and spatial dims / 8, / 4, / 2 where they divide evenly, smallest first."""
+    batch, channels, *spatial = shape
+    out = []
+    for factor in (8, 4, 2):
+        if all(n % factor == 0 and n // factor >= MIN_PROFILE_EDGE for n in spatial):
+            out.append((1, channels, *(n // factor for n in spatial)))
+    if batch != 1:
+        out.append((1, channels, *spatial))
+    return out
+
+
+def stage_profile(
+    defs: Sequence[LayerLike],
+    sample_shape: Sequence[int],
+    profile_shape: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[LayerProfile]:
+    """Per-layer bytes at ``sample_shape`` (one micro-batch), measured on a smaller input and scaled.
+
+    A full 128^3 forward pass would cost every rank seconds and gigabytes at start-up, so the
+    profile runs at ``profile_shape`` or, by default, at the smallest reduced shape the network
+    accepts (a U-Net rejects shapes its levels cannot halve; those are skipped).
+    """
+    sample = tuple(sample_shape)
+    candidates = [tuple(profile_shape)] if profile_shape is not None else _reduced_shapes(sample)
+    for shape in candidates:
+        try:
+            return scale_profile(profile_layers(defs, shape, dtype), shape, sample)
+        except (RuntimeError, ValueError):
+            if profile_shape is not None:
+                raise
+    return profile_layers(defs, sample, dtype)
 
 
 def check_boundaries(boundaries: Sequence[int], num_layers: int, stages: int) -> list[int]:

@@ -28,19 +28,10 @@ from deepspeed import comm as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
-from ds_seg3d.parallel.partition import (
-    LayerLike,
-    LayerProfile,
-    check_boundaries,
-    partition_table,
-    profile_layers,
-    profile_partition,
-    scale_profile,
-)
+from ds_seg3d.parallel.partition import LayerLike, check_boundaries, partition_table, profile_partition, stage_profile
 from ds_seg3d.parallel.topology import Topology
 
 PARTITION_METHODS = ("parameters", "uniform", "memory")
-MIN_PROFILE_EDGE = 8
 
 
 class PartitionedPipelineModule(PipelineModule):
@@ -94,41 +85,6 @@ def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
 def layer_specs(defs: Sequence[LayerLike]) -> list[LayerSpec]:
     """``LayerDef(cls, args, kwargs)`` -> ``LayerSpec(cls, *args, **kwargs)``, one-to-one."""
     return [LayerSpec(d.cls, *d.args, **d.kwargs) for d in defs]
-
-
-def _reduced_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Batch 1 and spatial dims / 8, / 4, / 2 where they divide evenly, smallest first."""
-    batch, channels, *spatial = shape
-    out = []
-    for factor in (8, 4, 2):
-        if all(n % factor == 0 and n // factor >= MIN_PROFILE_EDGE for n in spatial):
-            out.append((1, channels, *(n // factor for n in spatial)))
-    if batch != 1:
-        out.append((1, channels, *spatial))
-    return out
-
-
-def stage_profile(
-    defs: Sequence[LayerLike],
-    sample_shape: Sequence[int],
-    profile_shape: Sequence[int] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> list[LayerProfile]:
-    """Per-layer bytes at ``sample_shape`` (one micro-batch), measured on a smaller input and scaled.
-
-    A full 128^3 forward pass would cost every rank seconds and gigabytes at start-up, so the
-    profile runs at ``profile_shape`` or, by default, at the smallest reduced shape the network
-    accepts (a U-Net rejects shapes its levels cannot halve; those are skipped).
-    """
-    sample = tuple(sample_shape)
-    candidates = [tuple(profile_shape)] if profile_shape is not None else _reduced_shapes(sample)
-    for shape in candidates:
-        try:
-            return scale_profile(profile_layers(defs, shape, dtype), shape, sample)
-        except (RuntimeError, ValueError):
-            if profile_shape is not None:
-                raise
-    return profile_layers(defs, sample, dtype)
 
 
 def build_pipeline(

@@ -1,0 +1,134 @@
+"""The markdown an experiment writes: per-case table, a verdict sentence and its section."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ds_seg3d.config import load_config
+from ds_seg3d.experiment.spec import Comparison, Settings
+from ds_seg3d.paths import shipped
+
+
+def _num(row: dict, field: str) -> float:
+    """A CSV cell as a float; absent or empty cells are nan (HD95 of an empty mask reads "inf" or "nan")."""
+    try:
+        return float(row.get(field, "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def _median(values: np.ndarray) -> float:
+    # inf (a structure missed entirely) counts as the worst value rather than being dropped
+    finite = values[~np.isnan(values)]
+    return float(np.median(finite)) if len(finite) else float("nan")
+
+
+def markdown_table(rows: list[dict], arms: list[str]) -> str:
+    """Per case (and label) Dice, HD95 and signed volume error per arm; then per label the mean and
+    median (of absolute errors for volumes) and the cases under 5 % volume error."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    many = len(labels) > 1
+    has_hd = any("hd95_mm" in r for r in rows)
+    metrics = [("dice", "Dice", ".3f")] + ([("hd95_mm", "HD95 mm", ".1f")] if has_hd else []) + [
+        ("volume_error_pct", "volume error %", "+.1f")]
+    by = {(r["arm"], r["case"], r["label"]): r for r in rows}
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    lines = ["| case | " + " | ".join(f"{title} {a}" for _, title, _ in metrics for a in arms) + " |",
+             "|---" * (1 + len(metrics) * len(arms)) + "|"]
+
+    def cell(a: str, c: str, label: str, field: str, fmt: str) -> str:
+        return format(_num(by[(a, c, label)], field), fmt) if (a, c, label) in by else "-"
+
+    for label in labels:
+        for c in cases:
+            if any((a, c, label) in by for a in arms):
+                name = f"{c} {label}" if many else c
+                lines.append(f"| {name} | " + " | ".join(cell(a, c, label, f, fmt) for f, _, fmt in metrics
+                                                          for a in arms) + " |")
+    for label in labels:
+        vals = {(a, f): np.array([_num(r, f) for r in rows if r["arm"] == a and r["label"] == label])
+                for a in arms for f, _, _ in metrics}
+        vals.update({(a, "volume_error_pct"): np.abs(vals[(a, "volume_error_pct")]) for a in arms})
+        tag = f" {label}" if many else ""
+        for name, f in (("mean", lambda v: float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else float("nan")),
+                        ("median", _median)):
+            lines.append(f"| **{name}{tag}** (volume: of absolute errors) | " + " | ".join(
+                format(f(vals[(a, m)]), fmt.lstrip("+")) for m, _, fmt in metrics for a in arms) + " |")
+        lines.append(f"| **cases under 5 % volume error{tag}** | " + " | ".join(
+            [""] * ((len(metrics) - 1) * len(arms))
+            + [f"{int(np.sum(vals[(a, 'volume_error_pct')] < 5))}/{len(vals[(a, 'volume_error_pct')])}"
+               for a in arms]) + " |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict], reference: str, variant: str) -> str:
+    """One honest sentence: the paired Dice difference against its own case-to-case spread."""
+    by = {(r["arm"], r["case"], r["label"]): (float(r["dice"]), float(r["volume_error_pct"])) for r in rows}
+    pairs = [(*by[(reference, c, l)], *v) for (a, c, l), v in by.items() if a == variant and (reference, c, l) in by]
+    if not pairs:
+        return f"No comparison: {reference} or {variant} produced no scores (see the arms' status above)."
+    ref, ref_err, var, var_err = np.array(pairs).T
+    d, n = var - ref, len(pairs)
+    text = (f"On {n} test case(s), {variant} vs {reference}: mean Dice {var.mean():.3f} vs {ref.mean():.3f} "
+            f"(difference {d.mean():+.3f}, {variant} higher on {int((d > 0).sum())} of {n}), mean volume error "
+            f"{np.nanmean(var_err):+.1f} % vs {np.nanmean(ref_err):+.1f} % (signed; absolute "
+            f"{np.nanmean(np.abs(var_err)):.1f} % vs {np.nanmean(np.abs(ref_err)):.1f} %); ")
+    if n < 3:
+        return text + "too few cases to tell an effect from case-to-case variation."
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    if abs(d.mean()) <= 2 * se:
+        return text + (f"that is within twice the standard error of the paired differences ({2 * se:.3f}), "
+                       "so this run shows no measurable effect.")
+    better = "raised" if d.mean() > 0 else "lowered"
+    return text + (f"beyond twice the standard error of the paired differences ({2 * se:.3f}): here {variant} "
+                   f"{better} Dice, a single-seed result to be repeated before it is trusted.")
+
+
+def verdicts(rows: list[dict], reference: str, variant: str) -> str:
+    """The verdict sentence, one per label when the rows hold several."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    if len(labels) <= 1:
+        return verdict(rows, reference, variant)
+    return "\n\n".join(f"{label}: " + verdict([r for r in rows if r["label"] == label], reference, variant)
+                        for label in labels)
+
+
+def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
+    """The markdown under the comparison's heading: question, command, set-up, machine, table, verdict."""
+    s, m = summary["settings"], summary["machine"]
+    settings = Settings(**{**s, "arm_overrides": tuple(tuple(x) for x in s.get("arm_overrides", ()))})
+    splits = ", ".join(f"{v} {k}" for k, v in summary["splits"].items())
+    arms_ok = [r["arm"] for r in summary["arms"] if r["status"] == "ok"]
+    layout = (f"the hostfile's ranks as {s['stages']} pipeline stages x data parallel" if s["hostfile"] else
+              f"{s['ranks']} ranks = {s['stages']} pipeline stages x {s['ranks'] // s['stages']} data-parallel")
+    adversarial = any("--adversarial" in arm.train_args(settings) for arm in c.arms)
+    models = []
+    for arm in c.arms:
+        cfg = load_config(shipped(c.arm_config(arm)), settings.arm_sets(arm.name))
+        models.append(f"`{arm.name}`: patch {' x '.join(map(str, cfg.data.patch))}, `{cfg.model.name}` "
+                      f"{json.dumps(cfg.model.params)} (`{c.arm_config(arm)}`)")
+    out = [c.question, "", "```", summary["command"], "```", "",
+           f"- Data: {c.data_text(c, settings, splits)}, shards at {' x '.join(map(str, c.spacing))} mm.",
+           "- Models: " + "; ".join(models) + ".",
+           f"- Training: {s['steps']} steps, {layout}; DeepSpeed `{Path(s['deepspeed_config']).name}`"
+           + (f" (discriminator `{Path(s['discriminator_config']).name}`)" if adversarial else "")
+           + f"; seed {s['seed']}.",
+           f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, load average "
+           f"{m['load_avg'][0]} at the start (shared machine); Python {m['python']}, torch {m['torch']}, "
+           f"deepspeed {m['deepspeed']}. Date: {summary['started']}. Wall clock: {summary['minutes']} min in all."]
+    for r in summary["arms"]:
+        secs = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["seconds"].items())
+        t = dict(r.get("training", {}))
+        val = ", ".join(f"{k} {v:.3f}" for k, v in t.pop("val_dice", {}).items())
+        ends = ", ".join(f"{k} {v:.3f}" for k, v in t.items())
+        out.append(f"- Arm `{r['arm']}` ({r['description']}): {r['status']}; {secs} (load average "
+                   f"{r['load_avg_15min']} over the 15 min before it ended); end of training (mean of the last 5 "
+                   f"logged steps; loss = the arm's whole objective): {ends or '-'}; validation Dice with the "
+                   f"final weights {val or '-'}.")
+    out += ["", markdown_table(rows, arms_ok), "", verdicts(rows, c.arms[0].name, c.arms[-1].name)]
+    if c.target is not None:
+        out += ["", c.target(rows)]
+    out += ["", c.caveat, "", "### At a larger scale (GPU cluster): settings, not results", "", c.scale_up]
+    return "\n".join(out) + "\n"

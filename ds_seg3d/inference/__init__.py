@@ -1,0 +1,1 @@
+"""Inference: sliding windows on one device or through a pipeline, and the ``predict`` command."""

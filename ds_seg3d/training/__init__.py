@@ -1,0 +1,1 @@
+"""Training: the job's loop, the loss, whole-volume validation, adversarial training and the metrics log."""

@@ -1,0 +1,190 @@
+"""The training job behind ``deepspeed [--num_gpus N | --hostfile H] --module ds_seg3d.train --data SHARDS --out RUN``.
+
+config -> data -> layers -> PipelineModule -> engine -> loop (train_batch, validate, checkpoint) -> curve.
+The first and last pipeline stages draw the same patch sequence (images on the first, labels on the
+last), seeded by (seed, data-parallel rank, epoch, index); middle stages draw nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ds_seg3d import checkpoint as ckpt
+from ds_seg3d.config import ExperimentConfig, load_config
+from ds_seg3d.data.augment import AugmentConfig
+from ds_seg3d.data.reader import ShardReader
+from ds_seg3d.data.sampler import PatchSampler
+from ds_seg3d.models import build_layers, check_patch
+from ds_seg3d.parallel import watchdog
+from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
+from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
+from ds_seg3d.parallel.pipeline import build_pipeline
+from ds_seg3d.parallel.topology import Topology
+from ds_seg3d.training.adversarial import AdversarialTraining, with_images_for_last_stage
+from ds_seg3d.training.losses import DiceCELoss
+from ds_seg3d.training.run_log import MetricsLog, plot_training_curve
+from ds_seg3d.training.validate import validate
+
+
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = [f"data.shards={args.data}"] + list(args.set)
+    if args.stages is not None:
+        overrides.append(f"train.stages={args.stages}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.adversarial:
+        overrides.append("adversarial.enabled=true")
+    if args.adversarial_weight is not None:
+        overrides.append(f"adversarial.weight={args.adversarial_weight}")
+    return load_config(args.config, overrides)
+
+
+def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology) -> dict:
+    """What ``predict`` needs besides the weights: the model, labels and the dataset's preprocessing."""
+    m = reader.manifest
+    return {
+        "experiment": cfg.to_dict(),
+        "model": {"name": cfg.model.name, "config": _jsonable(model_cfg.__dict__)},
+        "labels": reader.labels,
+        "preprocessing": {k: m.get(k) for k in ("modality", "target_spacing", "normalisation")},
+        "manifest_name": m.get("name"),
+        "deepspeed_config": ds_cfg,
+        "topology": {"world_size": topo.world_size, "stages": topo.stages, "dp": topo.dp},
+    }
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def save(engine, run: Path, step: int, sampler: PatchSampler, adv: AdversarialTraining | None) -> None:
+    """Save on every rank; ``latest`` is written only after every rank has finished its files."""
+    tag = ckpt.step_tag(step)
+    state = {"step": step, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+    engine.save_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, client_state=state, save_latest=False)
+    if adv is not None:
+        adv.save(run, tag)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt.write_latest(run, tag)
+    dist.barrier()
+
+
+def run(args: argparse.Namespace):
+    """Run the training job (``ds_seg3d.train`` parses ``args``); returns (exit code, segmenter engine,
+    AdversarialTraining or None), the engines being None when the job stopped before building them (so
+    that checks can inspect them)."""
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        cfg = experiment_config(args)
+        reader = ShardReader(cfg.data.shards)
+        file_cfg = load_ds_config(args.deepspeed_config)
+        topo = topology_for(file_cfg, world, cfg.train.stages, args.micro_batch, args.grad_accum).validate()
+        if args.micro_batch is None and args.grad_accum is None:
+            check_ds_config(file_cfg, topo, pipeline=True)  # a train_batch_size in the file must agree
+        ds_cfg = fill_batch_fields(file_cfg, topo)
+        bound_s = watchdog.default_bound_s() if args.watchdog_s is None else watchdog.check_bound(args.watchdog_s)
+        check_ds_config(ds_cfg, topo, pipeline=True)
+        d_cfg = load_ds_config(args.discriminator_config) if cfg.adversarial.enabled else None
+        model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
+        check_patch(model_cfg, cfg.data.patch)
+        train_cases = reader.case_ids(cfg.data.train_split)
+        if not train_cases:
+            raise ValueError(f"{cfg.data.shards}: split {cfg.data.train_split!r} has no cases")
+    except ValueError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2, None, None
+    run = Path(args.out)
+    if args.resume and ckpt.latest_tag(run) is None:
+        if rank == 0:
+            print(f"error: {ckpt.checkpoint_root(run)}: --resume but no complete checkpoint", file=sys.stderr)
+        return 2, None, None
+    run.mkdir(parents=True, exist_ok=True)
+    sched = ds_cfg.get("scheduler", {}).get("params", {})
+    if "total_num_steps" in sched:  # cosine/decay schedules end with the run, however long it is
+        sched["total_num_steps"] = cfg.train.steps
+    monitor = {"output_path": str(run / "monitor"), "job_name": "train"}
+    ds_cfg.setdefault("csv_monitor", {"enabled": True}).update(monitor)
+    if "tensorboard" in ds_cfg or importlib.util.find_spec("tensorboard") is not None:
+        ds_cfg.setdefault("tensorboard", {"enabled": True}).update(monitor)
+
+    dp_rank = topo.dp_rank_of(rank)
+    defs = build_layers(cfg.model.name, model_cfg)
+    seg_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+    adv = AdversarialTraining(seg_loss, len(reader.labels), cfg.adversarial) if cfg.adversarial.enabled else None
+    module = build_pipeline(defs, topo, adv.loss if adv else seg_loss,
+                            partition_method=cfg.train.partition,
+                            sample_shape=(topo.micro_batch, 1, *cfg.data.patch),
+                            activation_checkpoint_interval=cfg.train.activation_checkpoint_interval,
+                            seed=cfg.train.seed)
+    engine = initialize_pipeline(module, ds_cfg)
+    if adv is not None:
+        adv.attach(d_cfg, topo, rank, seed=cfg.train.seed, device=args.discriminator_device)
+
+    sampler = PatchSampler(reader, train_cases, cfg.data.patch, dp_rank=dp_rank, dp_size=topo.dp,
+                           seed=cfg.train.seed, oversample_foreground=cfg.data.oversample_foreground,
+                           patches_per_epoch=math.ceil(len(train_cases) / topo.dp),
+                           augment=AugmentConfig() if cfg.data.augment else None)
+    start = 0
+    if args.resume:
+        _, state = engine.load_checkpoint(str(ckpt.checkpoint_root(run)), tag=ckpt.latest_tag(run),
+                                          load_module_only=False)
+        start = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if adv is not None:
+            adv.load(run, ckpt.latest_tag(run))
+    elif rank == 0:
+        (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo), indent=1))
+    data_iter = None
+    if engine.is_first_stage() or engine.is_last_stage():
+        data_iter = sampler.batches(topo.micro_batch)
+        if adv is not None:
+            data_iter = with_images_for_last_stage(data_iter)
+
+    val_cases = reader.case_ids(cfg.data.val_split) if cfg.data.val_split else []
+    if cfg.train.val_max_cases:
+        val_cases = val_cases[: cfg.train.val_max_cases]
+    log = MetricsLog(run) if rank == 0 else None
+    if rank == 0:
+        print(topo.describe(), flush=True)
+    dog = watchdog.Watchdog(bound_s, rank).start()
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
+    for step in range(start + 1, cfg.train.steps + 1):
+        if adv is not None:
+            adv.loss.step = step
+        loss = float(engine.train_batch(data_iter))
+        adv_metrics = adv.after_batch(step) if adv is not None else {}
+        dog.pet()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        last = step == cfg.train.steps
+        if log and (step % cfg.train.log_every == 0 or last or step == start + 1):
+            log.write("train", step, loss=loss, lr=engine.get_lr()[0], **adv_metrics)
+        if val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
+            dice = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp, roi=cfg.data.patch,
+                            micro_batch=topo.micro_batch, overlap=cfg.train.val_overlap, on_progress=dog.pet)
+            dog.pet()
+            if log:
+                log.write("val", step, dice=dice)
+                bar.write(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+        if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            save(engine, run, step, sampler, adv)
+            dog.pet()
+    bar.close()
+    if rank == 0:
+        curve = plot_training_curve(run)
+        print(f"run folder: {run} (checkpoint {ckpt.latest_tag(run)}, curve {curve})", flush=True)
+    dist.barrier()
+    dog.stop()
+    return 0, engine, adv

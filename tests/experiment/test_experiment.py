@@ -1,0 +1,365 @@
+"""``ds-seg3d experiment``: the arms and command lines it builds, its tables, its EXPERIMENTS.md section,
+and one short end-to-end run on real phantoms, shards and launches in which one arm fails."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.__main__ import make_parser as data_tools_parser
+from ds_seg3d import results
+from ds_seg3d.evaluation import evaluate
+from ds_seg3d.experiment import markdown
+from ds_seg3d.experiment import run as experiment
+from ds_seg3d.experiment.comparisons import COMPARISONS
+from ds_seg3d.experiment.spec import Arm, Settings, data_cmds
+from ds_seg3d.inference import predict
+
+PSOAS = COMPARISONS["psoas-adversarial"]
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    experiment.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _train_args(cmd: list[str]) -> list[str]:
+    """The arguments after ``--module ds_seg3d.train`` (what the training module parses)."""
+    i = cmd.index("--module")
+    assert cmd[i + 1] == "ds_seg3d.train"
+    return cmd[i + 2:]
+
+
+def _train_config(cmd: list[str]):
+    from ds_seg3d.train import parse_args
+    from ds_seg3d.training.loop import experiment_config
+
+    return experiment_config(parse_args(_train_args(cmd)))
+
+
+def test_psoas_arms_differ_only_in_the_adversarial_term(tmp_path: Path) -> None:
+    s = Settings(steps=90, seed=7)
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    base, adv = (experiment.train_cmd(PSOAS, s, arm, shards, run, 29999) for arm in PSOAS.arms)
+    assert [a.name for a in PSOAS.arms] == ["baseline", "adversarial"]
+    assert adv[:len(base)] == base, "the adversarial arm must extend the shared command, not change it"
+    extra = adv[len(base):]
+    assert extra[:2] == ["--adversarial", "--adversarial_weight"] and float(extra[2]) > 0
+    cfg_base, cfg_adv = _train_config(base), _train_config(adv)
+    assert not cfg_base.adversarial.enabled and cfg_adv.adversarial.enabled
+    assert cfg_adv.adversarial.warmup_steps == s.steps // 3
+    assert cfg_adv.adversarial.weight == float(extra[2])
+    a, b = cfg_base.to_dict(), cfg_adv.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"adversarial"}
+    assert a["train"]["seed"] == 7 and a["train"]["steps"] == 90 and a["data"]["shards"] == str(shards)
+
+
+def test_train_command_runs_the_venv_launcher_with_the_settings(tmp_path: Path) -> None:
+    s = Settings(ranks=4, stages=2, steps=12, overrides=("data.patch=32,32,16",))
+    cmd = experiment.train_cmd(PSOAS, s, PSOAS.arms[0], tmp_path / "shards", tmp_path / "run", 31000)
+    assert cmd[0] == str(Path(sys.executable).with_name("deepspeed"))
+    assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[cmd.index("--master_port") + 1] == "31000"
+    for flag in ("--deepspeed_config", "--discriminator_config", "--config"):
+        assert Path(cmd[cmd.index(flag) + 1]).is_file(), flag
+    cfg = _train_config(cmd)
+    assert cfg.data.patch == (32, 32, 16) and cfg.train.stages == 2 and cfg.train.steps == 12
+    hosted = experiment.train_cmd(PSOAS, Settings(hostfile="/etc/hostfile"), PSOAS.arms[0], tmp_path, tmp_path, 1)
+    assert hosted[1:3] == ["--hostfile", "/etc/hostfile"] and "--num_gpus" not in hosted
+
+
+def test_data_commands_parse_and_share_the_seed(tmp_path: Path) -> None:
+    s = Settings(cases=6, seed=3, phantom_shape=(64, 64, 32))
+    (name1, phantoms), (name2, shards) = data_cmds(PSOAS, s, tmp_path)
+    assert (name1, name2) == ("phantoms", "build-shards")
+    p = data_tools_parser().parse_args(phantoms[3:])
+    assert (p.task, p.cases, p.seed, list(p.shape)) == ("psoas", 6, 3, [64, 64, 32])
+    b = data_tools_parser().parse_args(shards[3:])
+    assert b.src == p.out and tuple(b.spacing) == PSOAS.spacing and b.seed == 3
+    assert b.val_fraction + b.test_fraction < 1 and b.test_fraction > 0
+
+
+def test_predict_and_evaluate_commands_parse(tmp_path: Path) -> None:
+    images = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    cmd = experiment.predict_cmd(tmp_path / "run", tmp_path / "pred", images)
+    assert cmd[:4] == [sys.executable, "-m", "ds_seg3d", "predict"]
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    args = parser.parse_args(cmd[4:])
+    assert args.inputs == [str(p) for p in images] and args.checkpoint == str(tmp_path / "run")
+    cmd = experiment.evaluate_cmd(PSOAS, tmp_path / "pred", tmp_path / "truth", tmp_path / "e.csv")
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(cmd[4:])
+    assert evaluate.parse_labels(args.labels, {0, 1}) == {"psoas": 1}
+
+
+def test_settings_from_the_command_line_and_the_reproducing_command() -> None:
+    args = _cli(["psoas-adversarial", "--out", "runs/x", "--steps", "40", "--set", "data.patch=32,32,16"])
+    s = experiment.settings_from(args, PSOAS)
+    assert s.steps == 40 and s.cases == PSOAS.defaults.cases and s.overrides == ("data.patch=32,32,16",)
+    again = shlex.split(experiment.reproduce_command(args, s))
+    assert again[:4] == ["python", "-m", "ds_seg3d", "experiment"]
+    assert experiment.settings_from(_cli(again[4:]), PSOAS) == s
+
+
+def test_documented_gpu_command_configures_a_valid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ds_seg3d.models import check_patch
+
+    monkeypatch.chdir(tmp_path)  # its config paths name shipped files, found from any folder
+    (tmp_path / "hostfile").write_text("gpu01 slots=8\ngpu02 slots=8\n")  # the user's own
+    block = PSOAS.scale_up.split("```")[1].replace("\\\n", " ")
+    argv = shlex.split(block)
+    assert argv[:4] == ["python", "-m", "ds_seg3d", "experiment"]
+    s = experiment.settings_from(_cli(argv[4:]), PSOAS)
+    assert s.hostfile and "gpu_bf16" in s.deepspeed_config and "gpu_bf16" in s.discriminator_config
+    cmd = experiment.train_cmd(PSOAS, s, PSOAS.arms[-1], tmp_path, tmp_path, 1)
+    cfg = _train_config(cmd)
+    check_patch(cfg.model.build_config(in_channels=1, num_classes=2), cfg.data.patch)
+    assert cfg.adversarial.enabled and cfg.adversarial.warmup_steps == s.steps // 3
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--ranks", "3", "--stages", "2"], "not a multiple"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--deepspeed-config", "no/such.json"], "no such file"),
+])
+def test_bad_settings_end_with_one_line(argv: list[str], problem: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    code = experiment.run(_cli(["psoas-adversarial", "--out", str(tmp_path / "x"), *argv]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and problem in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def _rows(rng: np.random.Generator, arms: dict[str, float], cases: int) -> list[dict]:
+    rows = []
+    for arm, shift in arms.items():
+        for i in range(cases):
+            rows.append({"arm": arm, "case": f"psoas_{i:03d}", "label": "psoas",
+                         "dice": str(round(float(np.clip(0.8 + shift + rng.normal(0, 0.01), 0, 1)), 5)),
+                         "volume_pred_ml": "1", "volume_true_ml": "1",
+                         "volume_error_pct": str(round(float(rng.normal(0, 6)), 3))})
+    return rows
+
+
+def test_markdown_table_per_case_and_summary_rows() -> None:
+    rows = _rows(np.random.default_rng(0), {"baseline": 0.0, "adversarial": 0.05}, 5)
+    lines = markdown.markdown_table(rows, ["baseline", "adversarial"]).splitlines()
+    assert lines[0].split("|")[1:-1] == [" case ", " Dice baseline ", " Dice adversarial ",
+                                          " volume error % baseline ", " volume error % adversarial "]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    for arm_index, arm in enumerate(["baseline", "adversarial"]):
+        mine = [r for r in rows if r["arm"] == arm]
+        dice = [float(r["dice"]) for r in mine]
+        err = [abs(float(r["volume_error_pct"])) for r in mine]
+        assert cells[mine[2]["case"]][arm_index] == f"{dice[2]:.3f}"
+        assert cells[mine[2]["case"]][2 + arm_index] == f"{float(mine[2]['volume_error_pct']):+.1f}"
+        mean_row = next(v for k, v in cells.items() if k.startswith("**mean**"))
+        median_row = next(v for k, v in cells.items() if k.startswith("**median**"))
+        under5 = next(v for k, v in cells.items() if "under 5" in k)
+        assert mean_row[arm_index] == f"{statistics.mean(dice):.3f}"
+        assert median_row[2 + arm_index] == f"{statistics.median(err):.1f}"
+        assert under5[2 + arm_index] == f"{sum(e < 5 for e in err)}/{len(err)}"
+
+
+def test_verdict_says_what_the_numbers_show() -> None:
+    rng = np.random.default_rng(1)
+    same = _rows(rng, {"baseline": 0.0, "adversarial": 0.0}, 8)
+    assert "no measurable effect" in markdown.verdict(same, "baseline", "adversarial")
+    better = _rows(rng, {"baseline": 0.0, "adversarial": 0.1}, 8)
+    sentence = markdown.verdict(better, "baseline", "adversarial")
+    assert "adversarial raised Dice" in sentence
+    signed = statistics.mean(float(r["volume_error_pct"]) for r in better if r["arm"] == "adversarial")
+    assert f"mean volume error {signed:+.1f} %" in sentence
+    worse = _rows(rng, {"baseline": 0.0, "adversarial": -0.1}, 8)
+    assert "adversarial lowered Dice" in markdown.verdict(worse, "baseline", "adversarial")
+    assert "too few cases" in markdown.verdict(_rows(rng, {"baseline": 0, "adversarial": 0.1}, 2),
+                                                 "baseline", "adversarial")
+    assert markdown.verdict(same[:8], "baseline", "adversarial").startswith("No comparison")
+
+
+def test_replace_section_keeps_the_other_sections(tmp_path: Path) -> None:
+    md = tmp_path / "EXPERIMENTS.md"
+    results.replace_section(md, PSOAS.heading, "first\n", intro=experiment.INTRO)
+    assert md.read_text().startswith(experiment.INTRO) and md.read_text().count(PSOAS.heading) == 1
+    md.write_text(md.read_text() + "\n## Later\n\nkept\n")
+    md.write_text(md.read_text().replace(experiment.INTRO, experiment.INTRO + "\n## Earlier\n\nalso kept\n"))
+    body = "second\n\n```\n## not a heading inside a code block\n```\n"
+    for _ in range(2):  # idempotent
+        results.replace_section(md, PSOAS.heading, body, intro=experiment.INTRO)
+    text = md.read_text()
+    assert "first" not in text and text.count("second") == 1 and text.count(PSOAS.heading) == 1
+    assert text.index("## Earlier") < text.index(PSOAS.heading) < text.index("second") < text.index("## Later")
+    assert "also kept" in text and "kept\n" in text and "not a heading inside" in text
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_progress_reads_complete_metric_lines_only(tmp_path: Path) -> None:
+    assert experiment.last_step(tmp_path) == 0
+    lines = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 10, 20)] + [{"kind": "val", "step": 30}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "st')
+    assert experiment.last_step(tmp_path) == 20
+
+
+def test_run_logged_captures_output_and_exit_code(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "child.log"
+    code = [sys.executable, "-c", "import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); sys.exit(3)"]
+    assert experiment.run_logged(code, log) == 3
+    text = log.read_text()
+    assert text.startswith("$ ") and "threads 1" in text
+
+
+def test_test_cases_come_from_the_manifest(kidney_shards: Path, tmp_path: Path) -> None:
+    manifest = json.loads((kidney_shards / "manifest.json").read_text())
+    cases = experiment.test_cases(kidney_shards)
+    assert [c for c, _, _ in cases] == manifest["splits"]["test"]
+    assert all(image.is_file() and label.is_file() and image.name == label.name for _, image, label in cases)
+    manifest["splits"]["test"] = []
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no test split"):
+        experiment.test_cases(tmp_path)
+
+
+@pytest.mark.multirank
+def test_end_to_end_one_failing_arm_does_not_stop_the_other(tmp_path: Path) -> None:
+    """Real phantoms, shards and launches at a tiny size; the first arm's launch fails on a bad flag."""
+    comparison = dataclasses.replace(PSOAS, arms=(
+        Arm("broken", "a flag the trainer refuses", lambda s: ["--no-such-flag"]), Arm("plain", "the baseline")))
+    s = Settings(cases=4, steps=2, seed=1, phantom_shape=(64, 64, 32),
+                 overrides=("data.patch=32,32,16", "model.params.base_width=4"))
+    md, out = tmp_path / "EXPERIMENTS.md", tmp_path / "out"
+    code = experiment.run_comparison(comparison, s, out, "python -m ds_seg3d experiment ...", md)
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    status = {a["arm"]: a["status"] for a in summary["arms"]}
+    assert status["broken"].startswith("train failed") and status["plain"] == "ok"
+    assert summary["splits"]["test"] >= 1 and summary["machine"]["nproc"] >= 1
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["arm"] for r in rows} == {"plain"} and all(0 <= float(r["dice"]) <= 1 for r in rows)
+    assert len(rows) == summary["splits"]["test"]
+    text = md.read_text()
+    assert PSOAS.heading in text and "| Dice plain |" in text and "train failed" in text
+    assert (out / "arms" / "plain" / "run" / "training_curve.png").is_file()
+
+
+def test_arm_set_reaches_one_arm_only_and_round_trips(tmp_path: Path) -> None:
+    kidney = COMPARISONS["kidney-3d-vs-2d"]
+    argv = ["kidney-3d-vs-2d", "--out", str(tmp_path), "--set", "train.log_every=5",
+            "--arm-set", "3d:model.params.base_width=12"]
+    s = experiment.settings_from(_cli(argv), kidney)
+    assert s.arm_sets("3d") == ["train.log_every=5", "model.params.base_width=12"]
+    assert s.arm_sets("2d") == ["train.log_every=5"]
+    cmds = {a.name: experiment.train_cmd(kidney, s, a, tmp_path, tmp_path, 1) for a in kidney.arms}
+    cfgs = {name: _train_config(cmd) for name, cmd in cmds.items()}
+    assert cfgs["3d"].model.params["base_width"] == 12 and cfgs["2d"].model.params["base_width"] != 12
+    assert cfgs["3d"].train.log_every == cfgs["2d"].train.log_every == 5
+    again = shlex.split(experiment.reproduce_command(_cli(argv), s))
+    assert experiment.settings_from(_cli(again[4:]), kidney) == s
+    for bad, why in (("4d:model.params.base_width=3", "no arm '4d'"), ("3d-model.params.base_width", "ARM:")):
+        with pytest.raises(ValueError, match=why):
+            experiment.settings_from(_cli(["kidney-3d-vs-2d", "--out", "x", "--arm-set", bad]), kidney)
+
+
+def test_kidney_arms_differ_only_in_the_network(tmp_path: Path) -> None:
+    from ds_seg3d.models import build_layers, count_parameters
+
+    kidney = COMPARISONS["kidney-3d-vs-2d"]
+    s = Settings(steps=50, seed=3)
+    cmds = {a.name: experiment.train_cmd(kidney, s, a, tmp_path, tmp_path, 1) for a in kidney.arms}
+    a, b = (_train_config(cmds[n]).to_dict() for n in ("2d", "3d"))
+    assert {k for k in a if a[k] != b[k]} == {"model"}
+    assert (a["model"]["name"], b["model"]["name"]) == ("cnn2d", "unet3d")
+    counts = {}
+    for name, cmd in cmds.items():
+        cfg = _train_config(cmd)
+        counts[name] = count_parameters(build_layers(cfg.model.name, cfg.model.build_config(1, 2)))
+    assert abs(counts["2d"] / counts["3d"] - 1) <= 0.15, counts
+
+
+def test_kidney_target_sentence() -> None:
+    target = COMPARISONS["kidney-3d-vs-2d"].target
+    good = [{"arm": "3d", "case": f"c{i}", "label": "kidney", "dice": "0.96", "volume_error_pct": "2.0"}
+            for i in range(20)]
+    assert "MET here" in target(good) and "20/20" in target(good)
+    one_off = good[:19] + [{**good[0], "case": "c19", "volume_error_pct": "-6.0"}]
+    assert "MET here" in target(one_off)  # 19/20 = 95 %
+    two_off = one_off[:18] + [{**good[0], "case": "c18", "volume_error_pct": "7.5"}, one_off[19]]
+    assert "NOT MET" in target(two_off) and "18/20" in target(two_off)
+    low = [{**r, "dice": "0.94"} for r in good]
+    assert "NOT MET" in target(low)
+    assert "not measured" in target([{**r, "arm": "2d"} for r in good])
+
+
+def test_table_of_several_labels_keeps_them_apart() -> None:
+    rows = [{"arm": arm, "case": "ct_left", "label": label, "dice": str(d), "hd95_mm": hd,
+             "volume_pred_ml": "1", "volume_true_ml": "1", "volume_error_pct": str(e)}
+            for arm, label, d, hd, e in (("2d", "kidney", 0.8, "6.0", -10), ("3d", "kidney", 0.9, "3.0", 4),
+                                         ("2d", "psoas", 0.5, "inf", -50), ("3d", "psoas", 0.6, "9.0", 20))]
+    lines = markdown.markdown_table(rows, ["2d", "3d"]).splitlines()
+    assert "HD95 mm 3d" in lines[0]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert cells["ct_left kidney"] == ["0.800", "0.900", "6.0", "3.0", "-10.0", "+4.0"]
+    assert cells["ct_left psoas"][2:4] == ["inf", "9.0"]
+    mean_psoas = next(v for k, v in cells.items() if k.startswith("**mean psoas**"))
+    assert mean_psoas[:2] == ["0.500", "0.600"] and mean_psoas[4:] == ["50.0", "20.0"]
+    assert next(v for k, v in cells.items() if "under 5 % volume error kidney" in k)[-2:] == ["0/1", "1/1"]
+    text = markdown.verdicts(rows, "2d", "3d")
+    assert text.startswith("kidney: ") and "\n\npsoas: " in text
+
+
+def test_real_ct_data_commands_build_one_training_and_one_test_half(tmp_path: Path) -> None:
+    real = COMPARISONS["real-ct"]
+    s = Settings()
+    for name, cmd in real.data(real, s, tmp_path):
+        assert cmd[:2] == [sys.executable, "-m"] and cmd[2] == "data_tools"
+        assert data_tools_parser().parse_args(cmd[3:]).func(data_tools_parser().parse_args(cmd[3:])) == 0, name
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]) == len(manifest["splits"]["test"]) == 1
+    (case, image, label), = experiment.test_cases(tmp_path / "shards")
+    assert case in ("ct_left", "ct_right") and image.is_file() and label.is_file()
+    argv = ["real-ct", "--out", str(tmp_path), "--steps", "12"]
+    again = shlex.split(experiment.reproduce_command(_cli(argv), experiment.settings_from(_cli(argv), real)))
+    assert "--cases" not in again and experiment.settings_from(_cli(again[4:]), real).steps == 12
+    text = real.data_text(real, s, "1 train, 1 test")
+    assert "TotalSegmentator" not in text and "mirrored left half" in text
+
+
+def test_report_only_renders_a_finished_comparison_with_its_plot(tmp_path: Path) -> None:
+    kidney = COMPARISONS["kidney-3d-vs-2d"]
+    out = tmp_path / "out"
+    out.mkdir()
+    rng = np.random.default_rng(4)
+    rows = [{"arm": arm, "case": f"kidney_{i:03d}", "label": "kidney", "dice": f"{0.8 + 0.1 * (arm == '3d'):.3f}",
+             "hd95_mm": "4.0", "volume_pred_ml": f"{100 + rng.normal(0, 5):.2f}", "volume_true_ml": "100",
+             "volume_error_pct": "1.0"} for arm in ("2d", "3d") for i in range(4)]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    arms = [{"arm": a, "description": a, "status": "ok", "seconds": {"train": 60.0}, "training": {"s_per_step": 1.5},
+             "load_avg_15min": 1.0} for a in ("2d", "3d")]
+    summary = {"comparison": kidney.name, "command": "python -m ds_seg3d experiment kidney-3d-vs-2d --out x",
+               "settings": dataclasses.asdict(Settings()), "splits": {"train": 13, "val": 1, "test": 4},
+               "started": "today", "minutes": 1.0, "machine": results.machine(), "arms": arms}
+    (out / "summary.json").write_text(json.dumps(summary))
+    md = tmp_path / "docs" / "EXPERIMENTS.md"
+    md.parent.mkdir()
+    code = experiment.run(_cli(["kidney-3d-vs-2d", "--out", str(out), "--report-only", "--write-md", str(md)]))
+    assert code == 0
+    png = md.parent / "experiments" / "results" / "kidney-3d-vs-2d_bland_altman.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "bland_altman.png").is_file()
+    text = md.read_text()
+    assert "](experiments/results/kidney-3d-vs-2d_bland_altman.png)" in text
+    assert "s_per_step 1.500" in text and "NOT MET" in text and "`cnn2d`" in text and "`unet3d`" in text
+    # another comparison's folder is refused, in one line
+    assert experiment.run(_cli(["real-ct", "--out", str(out), "--report-only"])) == 2

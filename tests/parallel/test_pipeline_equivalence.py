@@ -1,0 +1,66 @@
+"""A 2-stage DeepSpeed pipeline trains exactly like the same network on one device.
+
+Each test is one launch of 2 real CPU ranks (tests/ranks/pipeline_equivalence.py). The U-Net's
+skip tensors cross the stage boundary, so matching weight updates on the first stage prove the
+gradients of every skip travelled back through the pipe.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from deepspeed.runtime.utils import partition_balanced
+
+from ds_seg3d.models import build_layers
+from ds_seg3d.models.layers import build_sequential
+from ds_seg3d.parallel.partition import profile_partition
+from ds_seg3d.parallel.pipeline import stage_profile
+from tests.launch import run_deepspeed
+from tests.ranks import pipeline_equivalence as script
+
+pytestmark = pytest.mark.multirank
+
+CFG = script.MODEL
+
+
+def _run(tmp_path: Path, *args: str) -> list[dict]:
+    out = tmp_path / "result"
+    run_deepspeed("pipeline_equivalence.py", ["--out", str(out), *args], num_ranks=2, timeout=900)
+    results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["stage"] for r in results] == [0, 1]
+    return results
+
+
+def _assert_equivalent(results: list[dict], boundaries: list[int]) -> None:
+    owned = []
+    for r in results:
+        assert r["boundaries"] == boundaries
+        assert r["crossing_tensors"] >= 2, "the split should send U-Net skips across the boundary"
+        assert r["loss"] > 0
+        assert abs(r["loss"] - r["ref_loss"]) <= 1e-5
+        start, stop = boundaries[r["stage"]], boundaries[r["stage"] + 1]
+        layers = sorted(int(i) for i in r["layers"])
+        assert layers == list(range(start, stop))
+        owned += layers
+        for index, params in r["layers"].items():
+            assert params, f"layer {index} has no parameters to compare"
+            assert max(p["update_max"] for p in params.values()) > 1e-6, f"layer {index} did not train"
+            for name, p in params.items():
+                assert p["init_diff"] == 0.0, f"layer {index} {name}: seeded init differs"
+                assert p["update_diff"] <= 1e-3 * p["update_max"] + 1e-9, f"layer {index} {name}: {p}"
+    assert owned == list(range(len(build_layers("unet3d", CFG))))
+
+
+def test_memory_partition_matches_single_device(tmp_path):
+    results = _run(tmp_path, "--partition", "memory", "--grad-accum", "2")
+    defs = build_layers("unet3d", CFG)
+    expected = profile_partition(stage_profile(defs, (1, 1, *script.PATCH)), 2, 2)
+    _assert_equivalent(results, expected)
+
+
+def test_parameter_partition_with_activation_checkpointing_matches(tmp_path):
+    results = _run(tmp_path, "--partition", "parameters", "--ckpt-interval", "1", "--grad-accum", "3")
+    ref = build_sequential(build_layers("unet3d", CFG))
+    counts = [sum(p.numel() for p in layer.parameters()) for layer in ref]
+    _assert_equivalent(results, [int(b) for b in partition_balanced(counts, 2)])
