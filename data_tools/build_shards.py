@@ -1,5 +1,10 @@
-"""Build a shard folder from a NIfTI dataset: preprocess in worker processes, write shards, manifest last.
+"""Build a shard folder from a NIfTI dataset: fingerprint, preprocess in worker processes, write shards,
+manifest last.
 
+Two passes over the cases, as nnU-Net plans and preprocesses: the first reads every case not held out
+for testing and records the dataset fingerprint (voxel spacings, shapes, and intensities sampled from
+the labelled voxels), from which CT normalisation takes its clip range, mean and standard deviation;
+the second preprocesses every case with them. The fingerprint goes into the manifest for planning.
 The parent process is the only writer, so shard contents and order do not depend on ``workers``.
 A build that fails or is interrupted removes what it wrote; the manifest is written last and
 atomically, so a folder either holds a complete, checksummed dataset or no manifest at all.
@@ -7,6 +12,7 @@ atomically, so a folder either holds a complete, checksummed dataset or no manif
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +32,7 @@ from data_tools.layouts import CaseSpec, LabelMap, SourceDataset, detect_layout,
 from data_tools.splits import make_splits
 from ds_seg3d.data.errors import DataError
 from ds_seg3d.data.geometry import voxel_spacing
-from ds_seg3d.data.preprocess import PreprocessOptions, preprocess_arrays
+from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, foreground_intensities, preprocess_arrays
 from ds_seg3d.data.shard_format import (
     CODECS,
     DEFAULT_CHUNK,
@@ -42,6 +48,9 @@ from ds_seg3d.data.shard_format import (
 )
 
 _TMP = ".tmp"
+INTENSITY_SAMPLES = 10000
+"""Foreground intensities drawn per training case for the fingerprint (nnU-Net's number)."""
+CT_NORMALISATIONS = ("dataset", "window")
 
 
 def _shard_name_regex() -> re.Pattern[str]:
@@ -92,6 +101,21 @@ def median_spacing(cases: Sequence[CaseSpec]) -> tuple[float, float, float]:
 def case_seed(seed: int, case_id: str) -> int:
     """A per-case seed that depends on the case, not on its position, so adding a case changes no other."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{case_id}".encode()).digest()[:4], "little")
+
+
+def _measure(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[str, Any]:
+    """Worker of the first pass: a case's fingerprint (RAS spacing and shape, foreground intensities)."""
+    spec, label_map, opts, seed = job
+    try:
+        image, label, affine = load_case(spec, label_map, opts)
+    except DataError as e:
+        return "error", (e.path, e.problem)
+    ornt = nib.orientations.io_orientation(affine)
+    order = [int(world) for world, _ in ornt]
+    spacing, shape = [0.0] * 3, [0] * 3
+    for axis, world in enumerate(order):
+        spacing[world], shape[world] = float(voxel_spacing(affine)[axis]), int(image.shape[axis])
+    return "ok", (spacing, shape, foreground_intensities(image, label, INTENSITY_SAMPLES, seed))
 
 
 def _prepare(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[str, Any]:
@@ -192,10 +216,46 @@ def _case_entry(spec: CaseSpec, rec: CaseRecord, stats: dict[str, Any], shard: s
 
 
 def _normalisation(opts: PreprocessOptions) -> dict[str, Any]:
+    if opts.modality == "CT" and opts.intensity is not None:
+        p = opts.intensity
+        return {"modality": "CT", "method": "dataset",
+                "scheme": "clip to the 0.5 / 99.5 percentiles of the training set's foreground intensities, then "
+                          "z-score with their mean and std (nnU-Net's CT normalisation)",
+                "clip_low": p.percentile_00_5, "clip_high": p.percentile_99_5, "mean": p.mean, "std": p.std,
+                "crop_margin_mm": opts.crop_margin_mm}
     if opts.modality == "CT":
-        return {"modality": "CT", "scheme": "clip to ct_window, then z-score per case",
+        return {"modality": "CT", "method": "window", "scheme": "clip to ct_window, then z-score per case",
                 "ct_window": list(opts.ct_window), "crop_margin_mm": opts.crop_margin_mm}
-    return {"modality": opts.modality, "scheme": "z-score per case", "crop_margin_mm": opts.crop_margin_mm}
+    return {"modality": opts.modality, "method": "case", "scheme": "z-score per case",
+            "crop_margin_mm": opts.crop_margin_mm}
+
+
+def _fingerprint_cases(splits: dict[str, Any], ids: Sequence[str]) -> list[str]:
+    """The cases the fingerprint reads: every case not held out for testing (train and validation)."""
+    test = set(splits.get("test") or [])
+    return [c for c in ids if c not in test]
+
+
+def dataset_fingerprint(cases: Sequence[CaseSpec], label_map: LabelMap, opts: PreprocessOptions, seed: int,
+                        workers: int) -> dict[str, Any]:
+    """Spacings and shapes (RAS, source grids) and foreground intensity statistics of ``cases``."""
+    jobs = [(c, label_map, opts, case_seed(seed, c.case_id)) for c in cases]
+    spacings, shapes, samples = {}, {}, []
+    results = _ordered_map(_measure, jobs, workers)
+    try:
+        for spec, (status, payload) in tqdm(zip(cases, results), total=len(cases), desc="fingerprint",
+                                            unit="case", disable=None):
+            if status == "error":
+                raise DataError(*payload)
+            spacings[spec.case_id], shapes[spec.case_id], values = payload
+            samples.append(values)
+    finally:
+        results.close()  # type: ignore[attr-defined]
+    intensity = IntensityProperties.of(np.concatenate(samples))
+    return {"cases": [c.case_id for c in cases], "spacings": spacings, "shapes": shapes,
+            "median_spacing": [float(v) for v in np.median(list(spacings.values()), axis=0)],
+            "median_shape": [float(v) for v in np.median(list(shapes.values()), axis=0)],
+            "foreground_intensity": intensity.to_json(), "samples_per_case": INTENSITY_SAMPLES}
 
 
 def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str | None = None,
@@ -203,7 +263,7 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
                  codec: str = DEFAULT_CODEC, chunk: int = DEFAULT_CHUNK, cases_per_shard: int = 16,
                  workers: int = 2, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
                  folds: int | None = None, margin_mm: float = 10.0,
-                 ct_window: Sequence[float] | None = None) -> Path:
+                 ct_window: Sequence[float] | None = None, ct_normalisation: str = "dataset") -> Path:
     """Preprocess every case of ``src`` into HDF5 shards under ``out``; returns the manifest's path.
 
     Args:
@@ -217,10 +277,14 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
         workers: preprocessing processes; the output does not depend on it.
         seed, val_fraction, test_fraction, folds: the split (see ``data_tools.splits``) and foreground sampling.
         margin_mm: margin around the body box kept by the crop.
-        ct_window: HU clip before the z-score (CT); None keeps the preprocessing default.
+        ct_window: HU clip before a per-case z-score (``ct_normalisation="window"``); None keeps the default.
+        ct_normalisation: "dataset" (nnU-Net's: clip and z-score with the fingerprint's foreground
+            intensities, the same for every case) or "window" (clip to ``ct_window``, z-score per case).
     """
     src, out = Path(src), Path(out)
     codec_options(codec)  # unknown codec: ValueError before any work
+    if ct_normalisation not in CT_NORMALISATIONS:
+        raise ValueError(f"ct_normalisation must be one of {', '.join(CT_NORMALISATIONS)}, got {ct_normalisation!r}")
     if cases_per_shard < 1 or chunk < 1 or workers < 1:
         raise ValueError("cases_per_shard, chunk and workers must be at least 1")
     source: SourceDataset = detect_layout(src)
@@ -250,9 +314,15 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
                "target_spacing": list(target), "modality": modality, "ct_window": list(opts.ct_window),
                "margin_mm": float(margin_mm), "codec": codec, "chunk": int(chunk),
                "cases_per_shard": int(cases_per_shard), "seed": int(seed), "val_fraction": float(val_fraction),
-               "test_fraction": float(test_fraction), "folds": None if folds is None else int(folds)}
+               "test_fraction": float(test_fraction), "folds": None if folds is None else int(folds),
+               "ct_normalisation": ct_normalisation if modality == "CT" else None}
     fingerprint = _fingerprint(options, ids)
     _prepare_output(out, fingerprint)
+
+    by_id = {c.case_id: c for c in cases}
+    dataset = dataset_fingerprint([by_id[c] for c in _fingerprint_cases(splits, ids)], label_map, opts, seed, workers)
+    if modality == "CT" and ct_normalisation == "dataset":
+        opts = dataclasses.replace(opts, intensity=IntensityProperties.from_json(dataset["foreground_intensity"]))
 
     jobs = [(c, label_map, opts, case_seed(seed, c.case_id)) for c in cases]
     shards, entries = _write_shards(out, source.name, cases, jobs, codec, chunk, cases_per_shard, workers)
@@ -261,6 +331,7 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
         "source_layout": source.layout, "source": str(src.resolve()), "target_spacing": list(target),
         "codec": codec, "chunk": chunk, "normalisation": _normalisation(opts),
         "shards": shards, "cases": entries, "splits": splits, "fingerprint": fingerprint,
+        "dataset_fingerprint": dataset,
     }
     try:
         return write_manifest(out, manifest)
@@ -328,7 +399,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--test-fraction", type=_fraction, default=0.2)
     p.add_argument("--folds", type=_positive_int, default=None, metavar="K")
     p.add_argument("--margin-mm", type=float, default=10.0)
-    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None)
+    p.add_argument("--ct-normalisation", choices=CT_NORMALISATIONS, default="dataset",
+                   help="CT: 'dataset' clips and z-scores with the training set's foreground intensities (nnU-Net); "
+                        "'window' clips to --ct-window and z-scores each case over its body")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="HU clip of --ct-normalisation window (default -1000 1000)")
     p.set_defaults(func=_run)
 
 
@@ -351,7 +426,7 @@ def _run(args: argparse.Namespace) -> int:
                             codec=args.codec, chunk=args.chunk, cases_per_shard=args.cases_per_shard,
                             workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
                             test_fraction=args.test_fraction, folds=args.folds, margin_mm=args.margin_mm,
-                            ct_window=args.ct_window)
+                            ct_window=args.ct_window, ct_normalisation=args.ct_normalisation)
     m = json.loads(manifest.read_text())
     print(f"{manifest}: {len(m['cases'])} cases in {len(m['shards'])} shards")
     return 0

@@ -3,8 +3,9 @@
     @dataclass
     class PreprocessOptions:
         target_spacing: tuple[float, float, float]   # mm, canonical (RAS) axis order
-        modality: str = "CT"                          # "CT": clip to window then z-score; "MR": z-score
-        ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clip before z-score (CT)
+        modality: str = "CT"                          # "CT": see ``intensity``; "MR": z-score per case
+        intensity: IntensityProperties | None = None  # CT: the training set's foreground statistics
+        ct_window: tuple[float, float] = (-1000.0, 1000.0)  # CT without ``intensity``: clip, z-score per case
         crop_margin_mm: float = 10.0                  # margin around the body box
         foreground_samples: int = 10000               # coordinates kept per label value
         require_foreground: bool = True               # an empty label is an error
@@ -13,6 +14,13 @@
     def load_image(path) -> (float32 volume, affine, header)     # a validated prediction input
     def read_nifti(path, as_float) -> (volume, affine)            # any validated 3D NIfTI
     def preprocess_arrays(case_id, image, label, affine, opts, seed) -> CaseRecord
+    def foreground_intensities(image, label, count, seed) -> samples  # for the dataset fingerprint
+
+CT intensities are normalised as nnU-Net does: clip to the 0.5 / 99.5 percentiles of the foreground
+voxels of the whole training set, then z-score with that foreground's mean and standard deviation
+(``IntensityProperties``, from ``build-shards``' fingerprint), the same for every case and at
+prediction, so a scan framed differently meets the same intensities. MR has no absolute scale and is
+z-scored per case over the body.
 
 Reading a labelled case from a dataset layout (label maps, TotalSegmentator structure masks) is the
 offline tools' part (``data_tools.cases``); everything after loading happens here, identically for a
@@ -45,14 +53,48 @@ _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, Heade
                 WrapStructError)
 
 
+@dataclasses.dataclass(frozen=True)
+class IntensityProperties:
+    """Foreground intensities of a training set (nnU-Net's ``foreground_intensity_properties``)."""
+
+    mean: float
+    std: float
+    median: float
+    min: float
+    max: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+    @classmethod
+    def of(cls, samples: np.ndarray) -> "IntensityProperties":
+        """From foreground voxel samples (``foreground_intensities`` of every training case, concatenated)."""
+        samples = np.asarray(samples, dtype=np.float64).ravel()
+        if samples.size == 0:
+            raise ValueError("no foreground voxels to take intensity statistics from")
+        low, median, high = np.percentile(samples, (0.5, 50.0, 99.5))
+        return cls(mean=float(samples.mean()), std=float(samples.std()), median=float(median),
+                   min=float(samples.min()), max=float(samples.max()), percentile_00_5=float(low),
+                   percentile_99_5=float(high))
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "IntensityProperties":
+        return cls(**{f.name: float(raw[f.name]) for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass
 class PreprocessOptions:
     target_spacing: tuple[float, float, float]
     """Voxel size of the shards, mm, in canonical (RAS) axis order."""
     modality: str = "CT"
-    """"CT": clip to ``ct_window`` then z-score over the body; "MR": z-score over the body."""
+    """"CT": see ``intensity``; "MR": z-score over the body, per case."""
+    intensity: IntensityProperties | None = None
+    """CT: clip to its 0.5 / 99.5 percentiles, then z-score with its mean and std, for every case alike.
+    None: clip to ``ct_window`` and z-score over the case's own body (the scheme before fingerprints)."""
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
-    """HU range kept before the z-score (CT only); metal and air outliers would dominate the std."""
+    """HU range kept before a per-case z-score (CT without ``intensity``)."""
     crop_margin_mm: float = 10.0
     """Margin around the body box, so that patches near the skin still see some context."""
     foreground_samples: int = 10000
@@ -143,8 +185,14 @@ def _body_threshold(image: np.ndarray, modality: str) -> float:
 
 
 def _normalise(image: np.ndarray, body: np.ndarray, opts: PreprocessOptions) -> tuple[np.ndarray, dict[str, float]]:
-    """z-score with the statistics of the body voxels (all voxels if no body was found)."""
+    """CT with the training set's intensities: clip and z-score with them; otherwise z-score with the
+    statistics of the case's body voxels (all voxels if no body was found)."""
     params: dict[str, float] = {}
+    if opts.modality == "CT" and opts.intensity is not None:
+        p = opts.intensity
+        low, high, mean, std = p.percentile_00_5, p.percentile_99_5, p.mean, max(p.std, 1e-8)
+        out = (np.clip(image, low, high) - np.float32(mean)) / np.float32(std)
+        return out.astype(np.float32), {"clip_low": low, "clip_high": high, "mean": mean, "std": std}
     if opts.modality == "CT":
         low, high = (float(v) for v in opts.ct_window)
         image = np.clip(image, low, high)
@@ -155,6 +203,16 @@ def _normalise(image: np.ndarray, body: np.ndarray, opts: PreprocessOptions) -> 
     std = std if std > 1e-6 else 1.0  # a constant body would divide by zero
     params.update(mean=mean, std=std)
     return ((image - np.float32(mean)) / np.float32(std)).astype(np.float32), params
+
+
+def foreground_intensities(image: np.ndarray, label: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` intensities drawn with replacement from the labelled voxels (none if the label is empty),
+    on the case's own grid: every training case weighs the same in the dataset's statistics (nnU-Net's
+    ``collect_foreground_intensities``)."""
+    values = np.asarray(image)[np.asarray(label) > 0]
+    if values.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.random.default_rng(seed).choice(values, size=count, replace=True).astype(np.float32)
 
 
 def sample_foreground(label: np.ndarray, values: Sequence[int], count: int,

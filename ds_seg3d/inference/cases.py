@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ds_seg3d.data.geometry import to_original_grid
-from ds_seg3d.data.preprocess import PreprocessOptions, load_image, preprocess_arrays
+from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, load_image, preprocess_arrays
 from ds_seg3d.data.shard_format import CaseGeometry
 from ds_seg3d.evaluation.metrics import volumes_ml
 from ds_seg3d.models import MODEL_CONFIGS, build_layers
@@ -34,9 +34,15 @@ def model_from_run(info: dict):
 
 
 def preprocess_options(info: dict) -> PreprocessOptions:
+    """The shards' preprocessing, from run.json: spacing, crop margin and the intensity normalisation
+    (for CT the training set's clip range, mean and std, so every input is normalised like the shards)."""
     pre = info["preprocessing"]
     norm = pre.get("normalisation") or {}
     kw = {"target_spacing": tuple(pre["target_spacing"]), "modality": pre.get("modality") or "CT"}
+    if norm.get("method") == "dataset":
+        kw["intensity"] = IntensityProperties(
+            mean=norm["mean"], std=norm["std"], median=float("nan"), min=norm["clip_low"], max=norm["clip_high"],
+            percentile_00_5=norm["clip_low"], percentile_99_5=norm["clip_high"])
     if "ct_window" in norm:
         kw["ct_window"] = tuple(norm["ct_window"])
     if "crop_margin_mm" in norm:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ds_seg3d.memory.measurement import PeakTracker
 from ds_seg3d.models.layers import LayerDef, build_sequential
-from ds_seg3d.training.losses import DiceCELoss
+from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 
 SEED = 1234
 SLAB_STEPS = {torch.float32: (1, 2), torch.bfloat16: (2, 3)}
@@ -173,7 +173,7 @@ class _StageReplay:
             self.forward = self.layers
         else:
             self.forward = stage_forward(self.layers, key.checkpoint)
-        self.loss_fn = DiceCELoss()
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss())
         self.buffers: dict[str, list[Any]] = {}
         self.recv_buf: Any = None
         self.grad_layer: Any = None

@@ -62,7 +62,7 @@ def build(spec: RunSpec) -> tuple[Any, torch.nn.Module, list[int], int]:
     from ds_seg3d.models.layers import build_sequential
     from ds_seg3d.parallel.engines import initialize_pipeline, initialize_plain
     from ds_seg3d.parallel.pipeline import build_pipeline
-    from ds_seg3d.training.losses import DiceCELoss
+    from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 
     defs = spec.layer_defs()
     if spec.plain:
@@ -70,7 +70,7 @@ def build(spec: RunSpec) -> tuple[Any, torch.nn.Module, list[int], int]:
         engine = initialize_plain(model, spec.ds_config())
         return engine, model, [0, len(defs)], 0
     topo = spec.topology()
-    module = build_pipeline(defs, topo, DiceCELoss(), partition_method=spec.partition,
+    module = build_pipeline(defs, topo, DeepSupervisionLoss(DiceCELoss()), partition_method=spec.partition,
                             sample_shape=spec.sample_shape, micro_batches=spec.micro_batches,
                             activation_checkpoint_interval=spec.checkpoint, seed=SEED)
     engine = initialize_pipeline(module, spec.ds_config())
@@ -78,9 +78,9 @@ def build(spec: RunSpec) -> tuple[Any, torch.nn.Module, list[int], int]:
 
 
 def plain_step(engine: Any, spec: RunSpec, data: MicroBatches) -> float:
-    from ds_seg3d.training.losses import DiceCELoss
+    from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 
-    loss_fn, total = DiceCELoss(), 0.0
+    loss_fn, total = DeepSupervisionLoss(DiceCELoss()), 0.0
     for _ in range(spec.micro_batches):
         images, labels = next(data)
         loss = loss_fn(engine(images), labels)

@@ -99,6 +99,7 @@ def build_pipeline(
     activation_checkpoint_interval: int = 0,
     seed: int = 1234,
     topology: Topology | None = None,
+    boundaries: Sequence[int] | None = None,
 ) -> PartitionedPipelineModule:
     """Build this rank's stage of the pipeline; needs ``init_distributed()`` to have run.
 
@@ -118,6 +119,7 @@ def build_pipeline(
         activation_checkpoint_interval: recompute activations every N layers (0: off).
         seed: base seed; layer i is initialised after ``torch.manual_seed(seed + i)``.
         topology: the validated pipe x data layout; defaults to ``num_stages`` x (world / stages).
+        boundaries: explicit stage boundaries (``stages + 1`` layer indices), overriding ``partition_method``.
     """
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"partition_method must be one of {', '.join(PARTITION_METHODS)}, got {partition_method!r}")
@@ -157,7 +159,10 @@ def build_pipeline(
         activation_checkpoint_func=non_reentrant_checkpoint,
     )
     specs = layer_specs(defs)
-    if partition_method == "memory":
+    if boundaries is not None:
+        partition_method = "given"
+        module = PartitionedPipelineModule(specs, check_boundaries(boundaries, len(specs), num_stages), **common)
+    elif partition_method == "memory":
         boundaries = profile_partition(profile, num_stages, micro_batches)
         module = PartitionedPipelineModule(specs, boundaries, **common)
     else:

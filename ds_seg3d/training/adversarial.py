@@ -22,6 +22,7 @@ from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.models.discriminator import Discriminator3D, DiscriminatorConfig, one_hot_labels
 from ds_seg3d.parallel.discriminator_engine import build_discriminator_engine
 from ds_seg3d.parallel.engines import all_reduce_sum
+from ds_seg3d.training.losses import main_logits
 
 
 @contextlib.contextmanager
@@ -38,7 +39,7 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 class AdversarialLoss:
-    """The segmenter's pipeline ``loss_fn(logits, (labels, images))`` in adversarial mode.
+    """The segmenter's pipeline ``loss_fn(outputs, (labels, images))`` in adversarial mode.
 
     ``discriminator`` is set on the last-stage ranks once the discriminator engine exists; ``step``
     is set by the training loop before each ``train_batch`` (the term is off during the warm-up).
@@ -59,10 +60,11 @@ class AdversarialLoss:
     def active(self) -> bool:
         return self.weight > 0 and self.step > self.warmup_steps and self.discriminator is not None
 
-    def __call__(self, logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, outputs: torch.Tensor | tuple[torch.Tensor, ...],
+                 target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         labels, images = target
-        loss = self.seg_loss(logits, labels)
-        probs = torch.softmax(logits.float(), dim=1)
+        loss = self.seg_loss(outputs, labels)  # with deep supervision, outputs holds the coarser logits too
+        probs = torch.softmax(main_logits(outputs).float(), dim=1)
         self.stash.append((images.detach(), probs.detach(), labels.detach()))
         if self.active:
             d = self.discriminator

@@ -29,7 +29,7 @@ from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
 from ds_seg3d.parallel.pipeline import build_pipeline
 from ds_seg3d.parallel.topology import Topology
 from ds_seg3d.training.adversarial import AdversarialTraining, with_images_for_last_stage
-from ds_seg3d.training.losses import DiceCELoss
+from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 from ds_seg3d.training.run_log import MetricsLog, plot_training_curve
 from ds_seg3d.training.validate import validate
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace):
 
     dp_rank = topo.dp_rank_of(rank)
     defs = build_layers(cfg.model.name, model_cfg)
-    seg_loss = DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight)
+    seg_loss = DeepSupervisionLoss(DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight))
     adv = AdversarialTraining(seg_loss, len(reader.labels), cfg.adversarial) if cfg.adversarial.enabled else None
     module = build_pipeline(defs, topo, adv.loss if adv else seg_loss,
                             partition_method=cfg.train.partition,

@@ -72,7 +72,10 @@ def test_manifest_is_complete(built: tuple[Path, Path]) -> None:
     assert m["labels"] == {"background": 0, "kidney": 1}
     assert m["codec"] == sf.DEFAULT_CODEC and m["chunk"] == sf.DEFAULT_CHUNK
     assert m["target_spacing"] == pytest.approx(median_spacing(source.cases))
-    assert m["normalisation"]["modality"] == "CT" and len(m["normalisation"]["ct_window"]) == 2
+    norm, fp = m["normalisation"], m["dataset_fingerprint"]
+    assert norm["modality"] == "CT" and norm["method"] == "dataset"
+    assert norm["clip_low"] == fp["foreground_intensity"]["percentile_00_5"] < norm["clip_high"]
+    assert fp["cases"] == sorted(set(ids) - set(m["splits"]["test"]))
     assert sorted(m["cases"]) == ids and m["fingerprint"]["cases"] == ids
     assert [len(s["cases"]) for s in m["shards"]] == [2, 2, 1]
     assert sorted(c for s in m["shards"] for c in s["cases"]) == ids

@@ -178,8 +178,8 @@ def test_config_validation(cfg, message):
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ((32, 20, 8), r"divisible by 2\*\*\(levels - 1\) = 8 along X and Y"),
-        ((12, 32, 8), r"divisible by 2\*\*\(levels - 1\) = 8 along X and Y"),
+        ((32, 20, 8), r"divisible by the product of the level strides, \(8, 8\) along X and Y"),
+        ((12, 32, 8), r"divisible by the product of the level strides, \(8, 8\) along X and Y"),
         ((8, 8, 16), "one pixel at the bottleneck"),
         ((32, 32), "three positive integers"),
         ((32, 32, 0), "three positive integers"),

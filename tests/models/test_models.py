@@ -23,6 +23,9 @@ torch.set_num_threads(1)
 
 TINY_CNN = DeepCNNConfig(num_classes=3, depth=6, width=4, dilations=(1, 2))
 TINY_UNET = UNet3DConfig(levels=3, base_width=4, max_width=8)
+# nnU-Net's plan for 1.2 x 1.2 x 3.0 mm voxels: X and Y are pooled first, Z joins once it is within 2x.
+ANISO = UNet3DConfig(levels=4, base_width=4, max_width=16, strides=((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+                     kernels=((3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3)))
 
 # (model, config, input shape, expected output shape)
 SHAPE_CASES = [
@@ -39,6 +42,7 @@ SHAPE_CASES = [
     ),
     ("unet3d", UNet3DConfig(levels=2, base_width=4, convs_per_level=1), (1, 1, 8, 8, 8), (1, 2, 8, 8, 8)),
     ("unet3d", UNet3DConfig(levels=1, base_width=4), (1, 1, 8, 6, 4), (1, 2, 8, 6, 4)),
+    ("unet3d", ANISO, (1, 1, 16, 24, 8), (1, 2, 16, 24, 8)),
 ]
 SHAPE_IDS = [f"{name}-{'x'.join(map(str, shape[2:]))}-{i}" for i, (name, _, shape, _) in enumerate(SHAPE_CASES)]
 SMALL_MODELS = [("deep_cnn", TINY_CNN, (1, 1, 16, 16, 16)), ("unet3d", TINY_UNET, (1, 1, 16, 16, 16))]
@@ -255,7 +259,8 @@ def test_config_validation(cfg, message):
 @pytest.mark.parametrize(
     ("cfg", "patch", "message"),
     [
-        (UNet3DConfig(levels=4), (32, 32, 20), r"divisible by 2\*\*\(levels - 1\) = 8"),
+        (UNet3DConfig(levels=4), (32, 32, 20), r"divisible by the product of the level strides, \(8, 8, 8\)"),
+        (ANISO, (32, 32, 10), r"divisible by the product of the level strides, \(8, 8, 4\)"),
         (UNet3DConfig(levels=4), (8, 8, 8), "one voxel at the bottleneck"),
         (UNet3DConfig(), (32, 32), "three positive integers"),
         (DeepCNNConfig(), (15, 16, 16), "divisible by downsample=2"),
@@ -312,3 +317,54 @@ def test_layer_def_requires_a_module_class_and_names_itself():
     assert isinstance(LayerDef(nn.Conv3d, (1, 2, 3), {"bias": False}).build(), nn.Conv3d)
     with pytest.raises(TypeError, match="nn.Module subclass"):
         LayerDef(len)  # type: ignore[arg-type]
+
+
+def test_per_level_strides_and_kernels_shape_every_level():
+    model = build_sequential(build_layers("unet3d", ANISO), seed=0)
+    convs = [m for m in model[0].modules() if isinstance(m, nn.Conv3d)]
+    assert all(c.kernel_size == (3, 3, 1) and c.padding == (1, 1, 0) for c in convs)  # no mixing across slices
+    values = run_layers(model, torch.randn(1, 1, 16, 24, 8))
+    sizes = [tuple(v[-1].shape[2:]) for v in values[:4]]
+    assert sizes == [(16, 24, 8), (8, 12, 8), (4, 6, 4), (2, 3, 2)]
+    ups = [m for m in model.modules() if isinstance(m, nn.ConvTranspose3d)]
+    assert [u.stride for u in ups] == [(2, 2, 2), (2, 2, 2), (2, 2, 1)]
+    assert ANISO.divisor() == (8, 8, 4)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"strides": ((1, 1, 1), (2, 2, 2))}, "2 entries for 4 levels"),
+    ({"strides": ((2, 2, 2),) * 4}, "must start with"),
+    ({"kernels": ((3, 3, 2),) * 4}, "odd sizes"),
+    ({"strides": ((1, 1, 1), (2, 0, 2), (2, 2, 2), (2, 2, 2))}, "triples of positive integers"),
+    ({"deep_supervision": "yes"}, "true or false"),
+])
+def test_topology_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        build_layers("unet3d", UNet3DConfig(levels=4, **changes))
+
+
+def test_nested_lists_from_toml_or_json_become_tuples():
+    cfg = UNet3DConfig(levels=2, strides=[[1, 1, 1], [2, 2, 1]], kernels=[[3, 3, 1], [3, 3, 3]])
+    assert cfg.strides == ((1, 1, 1), (2, 2, 1)) and cfg.kernels == ((3, 3, 1), (3, 3, 3))
+    assert cfg == UNet3DConfig(levels=2, strides=((1, 1, 1), (2, 2, 1)), kernels=((3, 3, 1), (3, 3, 3)))
+
+
+@pytest.mark.parametrize("name", ["unet3d", "cnn2d"])
+def test_deep_supervision_adds_coarser_logits_while_training_only(name):
+    cfg = MODEL_CONFIGS[name](levels=5, base_width=2, max_width=8, convs_per_level=1, num_classes=3,
+                              deep_supervision=True)
+    assert cfg.supervised_levels() == [1, 2]  # the coarsest decoder level gets none (nnU-Net's weight 0)
+    model = build_sequential(build_layers(name, cfg), seed=0)
+    x = torch.randn(1, 1, 32, 32, 16)
+    out = model.train()(x)
+    z = (16, 8, 4) if name == "unet3d" else (16, 16, 16)
+    assert isinstance(out, tuple) and [tuple(o.shape) for o in out] == [
+        (1, 3, 32, 32, z[0]), (1, 3, 16, 16, z[1]), (1, 3, 8, 8, z[2])]
+    plain = build_sequential(build_layers(name, MODEL_CONFIGS[name](**{**cfg.__dict__, "deep_supervision": False})),
+                             seed=0)
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+        assert isinstance(evaluated, Tensor) and torch.allclose(evaluated, out[0].detach(), atol=1e-5)
+        # the same weights without the auxiliary heads give the same full-resolution logits
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".aux." not in k})
+        assert torch.allclose(plain.eval()(x), evaluated, atol=1e-6)

@@ -14,8 +14,7 @@ from deepspeed.runtime.utils import partition_balanced
 
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.layers import build_sequential
-from ds_seg3d.parallel.partition import profile_partition
-from ds_seg3d.parallel.pipeline import stage_profile
+from ds_seg3d.parallel.partition import profile_partition, stage_profile
 from tests.launch import run_deepspeed
 from tests.ranks import pipeline_equivalence as script
 
@@ -32,7 +31,7 @@ def _run(tmp_path: Path, *args: str) -> list[dict]:
     return results
 
 
-def _assert_equivalent(results: list[dict], boundaries: list[int]) -> None:
+def _assert_equivalent(results: list[dict], boundaries: list[int], cfg=CFG) -> None:
     owned = []
     for r in results:
         assert r["boundaries"] == boundaries
@@ -49,7 +48,7 @@ def _assert_equivalent(results: list[dict], boundaries: list[int]) -> None:
             for name, p in params.items():
                 assert p["init_diff"] == 0.0, f"layer {index} {name}: seeded init differs"
                 assert p["update_diff"] <= 1e-3 * p["update_max"] + 1e-9, f"layer {index} {name}: {p}"
-    assert owned == list(range(len(build_layers("unet3d", CFG))))
+    assert owned == list(range(len(build_layers("unet3d", cfg))))
 
 
 def test_memory_partition_matches_single_device(tmp_path):
@@ -64,3 +63,10 @@ def test_parameter_partition_with_activation_checkpointing_matches(tmp_path):
     ref = build_sequential(build_layers("unet3d", CFG))
     counts = [sum(p.numel() for p in layer.parameters()) for layer in ref]
     _assert_equivalent(results, [int(b) for b in partition_balanced(counts, 2)])
+
+
+def test_deep_supervision_logits_cross_the_pipe_and_train_as_on_one_device(tmp_path):
+    """dec1's auxiliary logits ride from stage 0 to the loss on stage 1 with the skip and the current map."""
+    results = _run(tmp_path, "--deep-supervision", "--boundary", "6", "--grad-accum", "2", "--partition", "uniform")
+    assert all(r["crossing_tensors"] == 3 for r in results)  # skip_0, the current map and level 1's logits
+    _assert_equivalent(results, [0, 6, 8], cfg=script.SUPERVISED)

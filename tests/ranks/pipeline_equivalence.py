@@ -21,6 +21,7 @@ from deepspeed import comm as dist
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.layers import build_sequential
 from ds_seg3d.models.unet3d import UNet3DConfig
+from ds_seg3d.training.losses import DeepSupervisionLoss
 from ds_seg3d.parallel import (
     Topology,
     build_pipeline,
@@ -35,11 +36,17 @@ LR = 0.5
 PATCH = (16, 16, 16)
 NUM_CLASSES = 3
 MODEL = UNet3DConfig(levels=3, base_width=4, convs_per_level=1, num_classes=NUM_CLASSES)
+# Deep supervision: level 1's logits are made by dec1 (layer 5) and ride to the head past a boundary at 6.
+SUPERVISED = UNet3DConfig(levels=4, base_width=4, convs_per_level=1, num_classes=NUM_CLASSES, deep_supervision=True,
+                          strides=((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)))
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
+
+
+loss_fn = DeepSupervisionLoss(cross_entropy)
 
 
 def sgd_config(topology: Topology) -> dict:
@@ -91,13 +98,15 @@ def main() -> None:
     parser.add_argument("--partition", default="memory")
     parser.add_argument("--ckpt-interval", type=int, default=0)
     parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--deep-supervision", action="store_true", help="the SUPERVISED network, split at --boundary")
+    parser.add_argument("--boundary", type=int, default=None, help="explicit 2-stage split after this many layers")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = parser.parse_args()
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     topology = Topology(world_size=world, stages=2, micro_batch=1, grad_accum=args.grad_accum)
-    defs = build_layers("unet3d", MODEL)
+    defs = build_layers("unet3d", SUPERVISED if args.deep_supervision else MODEL)
     module = build_pipeline(
         defs, topology.stages, loss_fn,
         partition_method=args.partition,
@@ -105,6 +114,7 @@ def main() -> None:
         activation_checkpoint_interval=args.ckpt_interval,
         seed=SEED,
         topology=topology,
+        boundaries=None if args.boundary is None else [0, args.boundary, len(defs)],
     )
     start = module._local_start
     local = {start + i: layer for i, layer in enumerate(module.forward_funcs)}

@@ -116,3 +116,29 @@ def test_background_only_patch_predicted_as_background_costs_nothing():
 def test_loss_object_pickles():
     loss = pickle.loads(pickle.dumps(DiceCELoss(0.25, 0.75)))
     assert (loss.dice_weight, loss.ce_weight) == (0.25, 0.75)
+
+
+def test_deep_supervision_weights_halve_and_sum_to_one():
+    from ds_seg3d.training.losses import DeepSupervisionLoss
+
+    assert DeepSupervisionLoss.weights(1) == [1.0]
+    w = DeepSupervisionLoss.weights(3)
+    assert abs(sum(w) - 1) < 1e-12 and w[0] == 2 * w[1] == 4 * w[2]
+
+
+def test_deep_supervision_scores_each_level_against_resized_labels():
+    from ds_seg3d.training.losses import DeepSupervisionLoss
+
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 8, 8, 4, dtype=torch.long)
+    labels[:, 2:6, 2:6, 1:3] = 1
+    full, half = torch.randn(2, 2, 8, 8, 4), torch.randn(2, 2, 4, 4, 2)
+    base = DiceCELoss()
+    loss = DeepSupervisionLoss(base)
+    coarse = labels[:, 1::2, 1::2, 1::2]  # the voxel nearest each coarse centre
+    want = (2 / 3) * base(full, labels) + (1 / 3) * base(half, coarse)
+    assert torch.allclose(loss((full, half), labels), want)
+    assert torch.equal(loss(full, labels), base(full, labels))  # a single Tensor: the base loss alone
+    # a perfect coarse output lowers the loss: the auxiliary level is scored, not ignored
+    perfect = torch.stack([1 - coarse, coarse], 1).float() * 20 - 10
+    assert loss((full, perfect), labels) < loss((full, half), labels)
