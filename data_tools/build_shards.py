@@ -46,6 +46,7 @@ from ds_seg3d.data.shard_format import (
     sha256_file,
     write_manifest,
 )
+from ds_seg3d.planning.plans import PLANS_NAME
 
 _TMP = ".tmp"
 INTENSITY_SAMPLES = 10000
@@ -69,7 +70,7 @@ def is_shard_name(name: str) -> bool:
 
 def _is_own_file(name: str) -> bool:
     base = name[:-len(_TMP)] if name.endswith(_TMP) else name
-    return base == MANIFEST_NAME or is_shard_name(base)
+    return base in (MANIFEST_NAME, PLANS_NAME, ".tmp-" + PLANS_NAME) or is_shard_name(base)
 
 
 def ras_spacing(path: Path) -> tuple[float, float, float]:
@@ -334,12 +335,31 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
         "dataset_fingerprint": dataset,
     }
     try:
-        return write_manifest(out, manifest)
+        path = write_manifest(out, manifest)
     except BaseException:
         for s in shards:
             (out / s["file"]).unlink(missing_ok=True)
         (out / (MANIFEST_NAME + _TMP)).unlink(missing_ok=True)
         raise
+    write_default_plans(out)
+    return path
+
+
+DEFAULT_PLAN_GB = 8.0
+"""nnU-Net's planning target: one 8 GB accelerator (``ds-seg3d plan SHARDS`` re-plans for a real cluster)."""
+
+
+def write_default_plans(out: Path) -> Path | None:
+    """``plans.json`` for nnU-Net's default target, sized by the fast estimate (seconds)."""
+    from ds_seg3d.memory.sizing import plan_shards
+
+    try:
+        plans = plan_shards(out, DEFAULT_PLAN_GB, 1, verify=False)
+    except ValueError as e:
+        print(f"warning: {out}: no default plan ({' '.join(str(e).split())}); run `ds-seg3d plan {out} ...`",
+              file=sys.stderr)
+        return None
+    return plans.save(out)
 
 
 def _write_shards(out: Path, name: str, cases: Sequence[CaseSpec], jobs: Sequence[Any], codec: str, chunk: int,

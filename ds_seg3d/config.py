@@ -6,22 +6,27 @@ below; every field may be overridden on the command line with ``--set section.fi
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from ds_seg3d.models import MODEL_CONFIGS
 from ds_seg3d.paths import resolve
+from ds_seg3d.planning.plans import CONFIGURATIONS, NetworkPlan
 
 
 @dataclasses.dataclass
 class DataConfig:
     shards: str = ""
     """Folder of HDF5 shards with manifest.json (``data_tools build-shards`` output)."""
-    patch: tuple[int, int, int] = (64, 64, 32)
-    """Training patch size in voxels (X, Y, Z); also the sliding-window size at validation."""
+    patch: tuple[int, int, int] | None = None
+    """Training patch size in voxels (X, Y, Z); also the sliding-window size at validation. Empty: the
+    plan's (a planned model); a network named in ``model.name`` needs one."""
     oversample_foreground: float = 0.33
     """Share of patches centred on a foreground voxel (nnU-Net uses 0.33)."""
     augment: bool = True
@@ -32,20 +37,29 @@ class DataConfig:
     """Manifest split for periodic validation (whole volumes); empty or missing split: no validation."""
 
     def validate(self) -> None:
-        if len(self.patch) != 3 or min(self.patch) < 1:
+        if self.patch is not None and (len(self.patch) != 3 or min(self.patch) < 1):
             raise ValueError(f"data.patch must be three positive sizes, got {self.patch}")
         if not 0.0 <= self.oversample_foreground <= 1.0:
             raise ValueError(f"data.oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
 
 
+PLANNED = "planned"
+
+
 @dataclasses.dataclass
 class ModelConfig:
-    name: str = "unet3d"
-    """Network: one of ``ds_seg3d.models.MODEL_CONFIGS`` ("unet3d", "deep_cnn", "cnn2d")."""
+    name: str = PLANNED
+    """Network: "planned" (the shards' plans.json, see ``plan``), or one of ``ds_seg3d.models.MODEL_CONFIGS``
+    ("unet3d", "deep_cnn", "cnn2d") configured by ``params`` alone."""
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Fields of that network's config dataclass (e.g. base_width, levels); the rest keep defaults."""
+    """Fields of the network's config dataclass (e.g. base_width, levels); for a planned model they
+    override the plan's, otherwise the rest keep their defaults."""
+    plan: str = "3d"
+    """Which planned network a "planned" model trains: "3d" (the 3D U-Net) or "2d" (the slice-wise U-Net)."""
 
     def build_config(self, in_channels: int, num_classes: int) -> Any:
+        if self.name == PLANNED:
+            raise ValueError("model.name is 'planned': apply the shards' plan first (ds_seg3d.config.apply_plan)")
         if self.name not in MODEL_CONFIGS:
             raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_CONFIGS)}")
         cls = MODEL_CONFIGS[self.name]
@@ -59,8 +73,10 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.name not in MODEL_CONFIGS:
-            raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_CONFIGS)}")
+        if self.name != PLANNED and self.name not in MODEL_CONFIGS:
+            raise ValueError(f"model.name {self.name!r} is neither {PLANNED!r} nor one of {', '.join(MODEL_CONFIGS)}")
+        if self.plan not in CONFIGURATIONS:
+            raise ValueError(f"model.plan must be one of {', '.join(CONFIGURATIONS)}, got {self.plan!r}")
 
 
 @dataclasses.dataclass
@@ -162,6 +178,11 @@ class ExperimentConfig:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a TOML or command-line value to the field's declared type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "planned")):
+            return None  # an optional field left to its default source (e.g. the plan's patch)
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, where)
     origin = getattr(hint, "__origin__", None)
     if hint is bool:
         if isinstance(value, str):
@@ -262,3 +283,26 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     return apply_overrides(cfg, list(overrides))
+
+
+def apply_plan(cfg: ExperimentConfig, plan: NetworkPlan) -> ExperimentConfig:
+    """``cfg`` with its planned model made concrete: the plan's network and params, then ``model.params`` on
+    top (e.g. a narrower ``base_width``), and the plan's patch unless ``data.patch`` is given.
+
+    Fewer ``levels`` than planned keep the plan's first strides and kernels; more are refused.
+    """
+    if cfg.model.name != PLANNED:
+        return cfg
+    params = {**plan.params, **cfg.model.params}
+    levels = int(params["levels"])
+    for key in ("strides", "kernels"):
+        if key in cfg.model.params or key not in params:
+            continue
+        if levels > len(params[key]):
+            raise ValueError(f"model.params.levels={levels}: the plan has {len(params[key])} levels; give "
+                             f"model.params.{key} for more")
+        params[key] = params[key][:levels]
+    out = copy.deepcopy(cfg)
+    out.model = ModelConfig(name=plan.model, plan=cfg.model.plan, params=params)
+    out.data.patch = cfg.data.patch if cfg.data.patch is not None else tuple(plan.patch)
+    return out.validate()

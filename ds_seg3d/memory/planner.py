@@ -1,5 +1,9 @@
 """``ds-seg3d plan``: which stages, micro-batches, checkpointing and ZeRO stage fit a memory budget.
 
+With a shard folder (``ds-seg3d plan SHARDS --budget-gb GB --ranks N``) it plans the dataset's networks
+instead, nnU-Net's way, sized for the memory of the whole pipeline, and writes ``SHARDS/plans.json``
+(``ds_seg3d.memory.sizing``). Without one:
+
 Every candidate layout of ``--ranks`` ranks is predicted by ``MemoryModel`` (calibrated on short
 passes over thin slabs of the patch, never at full size) and kept if every rank fits the budget.
 The survivors are ranked by expected throughput: the 1F1B bubble leaves ``(p - 1) / (m + p - 1)``
@@ -118,16 +122,22 @@ def describe(rank: int, cand: Candidate, budget: int) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", nargs="?", type=Path,
+                   help="a shard folder: plan its 3D and 2D networks from its fingerprint and write plans.json")
     p.add_argument("--budget-gb", type=float, required=True, help="memory per device in GiB")
-    p.add_argument("--model", choices=("unet3d", "deep_cnn", "cnn2d"), help="network (default: the experiment's)")
+    p.add_argument("--model", choices=("unet3d", "deep_cnn", "cnn2d"),
+                   help="network (default: the experiment's, else unet3d)")
     p.add_argument("--config", type=Path, help="experiment TOML for the model and patch (optional)")
     p.add_argument("--set", action="append", default=[], metavar="model.params.FIELD=VALUE",
                    help="network size, e.g. --set model.params.base_width=32")
     p.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="training patch (default: the experiment's)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--ranks", type=int, default=1, help="ranks (devices) in the job")
-    p.add_argument("--stages", type=int, nargs="+", help="stage counts to consider (default: divisors of --ranks)")
-    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8], help="micro-batches per step")
+    p.add_argument("--stages", type=int, nargs="+",
+                   help="stage counts to consider (default: divisors of --ranks; with SHARDS: the one to size for, "
+                        "default --ranks)")
+    p.add_argument("--micro-batches", type=int, nargs="+",
+                   help="micro-batches per step (default: 1 2 4 8; with SHARDS: the DeepSpeed config's accumulation)")
     p.add_argument("--micro-batch", type=int, default=1, help="samples per micro-batch")
     p.add_argument("--checkpoint", type=int, nargs="+", default=[0, 1],
                    help="activation checkpointing intervals to consider (0: off)")
@@ -139,13 +149,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=3, help="output classes, background included")
     p.add_argument("--device", default=None, help="device to calibrate on (default: cuda when available)")
     p.add_argument("--top", type=int, default=8, help="configurations to print")
+    p.add_argument("--base-width", type=int, default=32,
+                   help="with SHARDS: channels at full resolution (nnU-Net: 32; the caps scale with it)")
+    p.add_argument("--no-deep-supervision", action="store_true", help="with SHARDS: plan without deep supervision")
+    p.add_argument("--quick", action="store_true",
+                   help="with SHARDS: size by the fast estimate alone, without the calibrated check")
 
 
 def base_spec(args: argparse.Namespace) -> RunSpec:
-    from ds_seg3d.config import load_config
+    from ds_seg3d.config import PLANNED, load_config
 
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
+    overrides += [f"data.patch={','.join(map(str, args.patch))}"] if args.patch else []
     cfg = load_config(args.config, overrides)
+    if cfg.model.name == PLANNED:  # a network and patch given here, not by a shard folder's plan
+        cfg.model.name = "cnn2d" if cfg.model.plan == "2d" else "unet3d"
+    if args.patch is None and cfg.data.patch is None:
+        raise ValueError("--patch: required without a shard folder (or an experiment config giving data.patch)")
     bucket = args.bucket
     if bucket is None:
         from ds_seg3d.memory.spec import config_bucket, shipped_bucket
@@ -161,9 +181,41 @@ def base_spec(args: argparse.Namespace) -> RunSpec:
                    bucket=int(bucket) if bucket is not None else DEEPSPEED_BUCKET)
 
 
+def run_shards(args: argparse.Namespace) -> int:
+    """Plan the shard folder's networks and write its plans.json."""
+    import torch
+
+    from ds_seg3d.memory.sizing import plan_shards
+    from ds_seg3d.parallel.ds_config import load_ds_config
+    from ds_seg3d.paths import DEFAULT_DS_CONFIG, shipped
+
+    try:
+        if args.micro_batches:
+            micro = args.micro_batches[0]
+        else:
+            cfg = load_ds_config(args.deepspeed_config or shipped(DEFAULT_DS_CONFIG))
+            micro = int(cfg.get("gradient_accumulation_steps", 1))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        plans = plan_shards(args.shards, args.budget_gb, args.ranks, stages=args.stages[0] if args.stages else None,
+                            micro_batches=micro, precision=args.precision, base_width=args.base_width,
+                            deep_supervision=not args.no_deep_supervision, device=device, verify=not args.quick)
+    except ValueError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    for plan in plans.configurations.values():
+        print(plan.describe())
+        for note in plan.notes:
+            print(f"    - {note}")
+    print(f"wrote {plans.save(args.shards)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.shards is not None:
+        return run_shards(args)
+    args.micro_batches = args.micro_batches or [1, 2, 4, 8]
     try:
         base = base_spec(args)
         if args.budget_gb <= 0:

@@ -31,7 +31,7 @@ from ds_seg3d.memory.calibration import StageCalibrator, StageKey
 from ds_seg3d.memory.measurement import PeakTracker
 from ds_seg3d.memory.spec import RunSpec
 from ds_seg3d.models import CNN2DConfig, DeepCNNConfig, UNet3DConfig, count_parameters
-from ds_seg3d.parallel.partition import LayerProfile, check_boundaries, minimax_split, profile_partition
+from ds_seg3d.parallel.partition import LayerProfile, check_boundaries, minimax_split, profile_partition, stage_profile
 from ds_seg3d.parallel.topology import in_flight
 
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2}
@@ -131,7 +131,7 @@ def z_step(spec: RunSpec) -> int:
     """The smallest Z increment the network accepts."""
     cfg = spec.model_config()
     if isinstance(cfg, UNet3DConfig):
-        return 2 ** (cfg.levels - 1)
+        return cfg.divisor()[2]
     if isinstance(cfg, DeepCNNConfig):
         return cfg.downsample
     if isinstance(cfg, CNN2DConfig):
@@ -171,8 +171,6 @@ class MemoryModel:
         """
         shape = spec.sample_shape
         if shape not in self._profiles:
-            from ds_seg3d.parallel.pipeline import stage_profile
-
             gc.collect()
             tracker = PeakTracker(self.device).start()
             with tracker.window("profile"):
@@ -190,8 +188,6 @@ class MemoryModel:
             return self.profile(spec)[0]
         key = (*spec.sample_shape, str(spec.dtype))
         if key not in self._held_profiles:
-            from ds_seg3d.parallel.pipeline import stage_profile
-
             self._held_profiles[key] = stage_profile(self.defs, spec.sample_shape, dtype=spec.dtype)
         return self._held_profiles[key]
 

@@ -118,7 +118,7 @@ class RunSpec:
         return Topology(self.ranks, self.stages, self.micro_batch, self.micro_batches)
 
     def model_config(self) -> Any:
-        return ModelConfig(self.model, dict(self.params)).build_config(in_channels=1, num_classes=self.classes)
+        return ModelConfig(name=self.model, params=dict(self.params)).build_config(in_channels=1, num_classes=self.classes)
 
     def layer_defs(self) -> list[LayerDef]:
         return build_layers(self.model, self.model_config())
@@ -202,7 +202,8 @@ def shipped_bucket() -> int:
 
 
 def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    """Lists (nested too: per-level strides and kernels) as tuples, so a spec can key a cache."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def voxels(patch: tuple[int, ...]) -> int:

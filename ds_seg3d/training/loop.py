@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ds_seg3d import checkpoint as ckpt
-from ds_seg3d.config import ExperimentConfig, load_config
+from ds_seg3d.config import PLANNED, ExperimentConfig, apply_plan, load_config
 from ds_seg3d.data.augment import AugmentConfig
 from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
@@ -28,6 +28,7 @@ from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load
 from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
 from ds_seg3d.parallel.pipeline import build_pipeline
 from ds_seg3d.parallel.topology import Topology
+from ds_seg3d.planning.plans import PLANS_NAME, NetworkPlan, Plans
 from ds_seg3d.training.adversarial import AdversarialTraining, with_images_for_last_stage
 from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 from ds_seg3d.training.run_log import MetricsLog, plot_training_curve
@@ -47,11 +48,26 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides)
 
 
-def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology) -> dict:
+def planned_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, NetworkPlan | None]:
+    """The config with a planned model made concrete from the shards' plans.json (and that plan)."""
+    if cfg.model.name != PLANNED:
+        if cfg.data.patch is None:
+            raise ValueError(f"data.patch: required when model.name names a network ({cfg.model.name!r}); "
+                             "only a planned model takes the plan's patch")
+        return cfg, None
+    plan = Plans.load(cfg.data.shards).configurations.get(cfg.model.plan)
+    if plan is None:
+        raise ValueError(f"{Path(cfg.data.shards) / PLANS_NAME}: no {cfg.model.plan!r} network planned")
+    return apply_plan(cfg, plan), plan
+
+
+def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology,
+             plan: NetworkPlan | None = None) -> dict:
     """What ``predict`` needs besides the weights: the model, labels and the dataset's preprocessing."""
     m = reader.manifest
     return {
         "experiment": cfg.to_dict(),
+        "plan": plan.to_json() if plan is not None else None,
         "model": {"name": cfg.model.name, "config": _jsonable(model_cfg.__dict__)},
         "labels": reader.labels,
         "preprocessing": {k: m.get(k) for k in ("modality", "target_spacing", "normalisation")},
@@ -86,7 +102,8 @@ def run(args: argparse.Namespace):
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         cfg = experiment_config(args)
-        reader = ShardReader(cfg.data.shards)
+        reader = ShardReader(cfg.data.shards)  # a missing or damaged shard folder is named before its plans
+        cfg, plan = planned_config(cfg)
         file_cfg = load_ds_config(args.deepspeed_config)
         topo = topology_for(file_cfg, world, cfg.train.stages, args.micro_batch, args.grad_accum).validate()
         if args.micro_batch is None and args.grad_accum is None:
@@ -145,7 +162,7 @@ def run(args: argparse.Namespace):
         if adv is not None:
             adv.load(run, ckpt.latest_tag(run))
     elif rank == 0:
-        (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo), indent=1))
+        (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo, plan), indent=1))
     data_iter = None
     if engine.is_first_stage() or engine.is_last_stage():
         data_iter = sampler.batches(topo.micro_batch)
@@ -157,6 +174,10 @@ def run(args: argparse.Namespace):
         val_cases = val_cases[: cfg.train.val_max_cases]
     log = MetricsLog(run) if rank == 0 else None
     if rank == 0:
+        if plan is not None:
+            print(f"plan ({Path(cfg.data.shards) / PLANS_NAME}): {plan.describe()}; as trained: "
+                  f"{cfg.model.name} {json.dumps(cfg.model.params)}, patch {'x'.join(map(str, cfg.data.patch))}",
+                  flush=True)
         print(topo.describe(), flush=True)
     dog = watchdog.Watchdog(bound_s, rank).start()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
