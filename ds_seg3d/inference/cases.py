@@ -33,6 +33,14 @@ def model_from_run(info: dict):
     return cfg, build_layers(name, cfg)
 
 
+MIRROR_AXES = {"unet3d": (0, 1, 2), "deep_cnn": (0, 1, 2), "cnn2d": (0, 1)}
+"""Test-time mirroring per network: a slice-wise network gains nothing from reordering its slices."""
+
+
+def mirror_axes(info: dict) -> tuple[int, ...]:
+    return MIRROR_AXES.get(info["model"]["name"], (0, 1, 2))
+
+
 def preprocess_options(info: dict) -> PreprocessOptions:
     """The shards' preprocessing, from run.json: spacing, crop margin and the intensity normalisation
     (for CT the training set's clip range, mean and std, so every input is normalised like the shards)."""

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ds_seg3d.inference.sliding_window import WindowAccumulator, window_batches, window_starts
+from ds_seg3d.inference.sliding_window import (WindowAccumulator, flip_windows, mirror_combinations, window_batches,
+                                               window_starts)
 
 
 class PipelinedForward:
@@ -88,12 +89,14 @@ def planned_calls(shape: Sequence[int], roi: Sequence[int], overlap: float, micr
 
 def predict_in_lockstep(engine, volumes: Sequence[Volume], *, dp_rank: int, dp_size: int,
                         roi: Sequence[int], micro_batch: int, overlap: float, num_classes: int,
-                        on_progress: Callable[[], None] = lambda: None) -> None:
+                        on_progress: Callable[[], None] = lambda: None, mirror_axes: Sequence[int] = ()) -> None:
     """Predict ``volumes[dp_rank::dp_size]`` on this replica; every rank of the job must call this.
 
-    ``on_progress`` is called after every ``eval_batch`` (e.g. to pet a watchdog).
+    ``on_progress`` is called after every ``eval_batch`` (e.g. to pet a watchdog). With ``mirror_axes``
+    every window batch runs once per flip (first stage flips, last stage flips back and averages).
     """
-    calls = [sum(planned_calls(v.shape, roi, overlap, micro_batch) for v in volumes[r::dp_size])
+    combos = mirror_combinations(mirror_axes)
+    calls = [len(combos) * sum(planned_calls(v.shape, roi, overlap, micro_batch) for v in volumes[r::dp_size])
              for r in range(dp_size)]
     first, last = engine.is_first_stage(), engine.is_last_stage()
     made = 0
@@ -106,11 +109,16 @@ def predict_in_lockstep(engine, volumes: Sequence[Volume], *, dp_rank: int, dp_s
                 batches = ((starts[i:i + micro_batch], None) for i in range(0, len(starts), micro_batch))
             acc = WindowAccumulator(vol.shape, num_classes, roi) if last else None
             for batch_starts, windows in batches:
-                logits = fwd.forward(windows, len(batch_starts))
-                made += 1
-                on_progress()
+                total = None
+                for combo in combos:
+                    logits = fwd.forward(flip_windows(windows, combo) if first else None, len(batch_starts))
+                    made += 1
+                    on_progress()
+                    if last:
+                        logits = flip_windows(logits, combo).float()
+                        total = logits if total is None else total + logits
                 if last:
-                    acc.add(batch_starts, logits)
+                    acc.add(batch_starts, total / len(combos))
             if last:
                 vol.done(acc.result())
         for _ in range(max(calls) - made):

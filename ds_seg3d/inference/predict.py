@@ -21,7 +21,7 @@ import torch
 
 from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.data.errors import DataError
-from ds_seg3d.inference.cases import InputCase, model_from_run, preprocess_options, write_volumes
+from ds_seg3d.inference.cases import InputCase, mirror_axes, model_from_run, preprocess_options, write_volumes
 from ds_seg3d.inference.sliding_window import sliding_window_inference
 from ds_seg3d.models.layers import build_sequential
 
@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch", type=int, default=2, help="windows per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="skip test-time mirroring (by default every window is also predicted flipped along each "
+                        "axis, as nnU-Net does: 8 passes in 3D, 4 for the slice-wise network)")
     p.add_argument("--pipelined", action="store_true", help="run over the ranks of a deepspeed launch")
     p.add_argument("--stages", type=int, default=None, help="pipeline stages with --pipelined (default: all ranks)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -59,7 +62,8 @@ def run_single(args: argparse.Namespace) -> int:
     for path in args.inputs:
         case = InputCase.read(Path(path), opts)
         probs = sliding_window_inference(case.image, roi, args.sw_batch, predictor, overlap=args.overlap,
-                                         num_classes=len(labels), progress=True)
+                                         num_classes=len(labels), progress=True,
+                                         mirror_axes=() if args.no_mirror else mirror_axes(info))
         rows.append(case.finish(probs, out_dir, labels))
     print(f"volumes: {write_volumes(rows, out_dir)}")
     return 0
@@ -104,7 +108,8 @@ def run_pipelined(args: argparse.Namespace) -> int:
 
     predict_in_lockstep(engine, [volume(Path(p)) for p in args.inputs], dp_rank=topo.dp_rank_of(rank),
                         dp_size=topo.dp, roi=tuple(info["experiment"]["data"]["patch"]),
-                        micro_batch=args.sw_batch, overlap=args.overlap, num_classes=len(labels))
+                        micro_batch=args.sw_batch, overlap=args.overlap, num_classes=len(labels),
+                        mirror_axes=() if args.no_mirror else mirror_axes(info))
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:

@@ -87,10 +87,42 @@ class WindowAccumulator:
         return out[(slice(None),) + tuple(slice(0, s) for s in self.shape)]
 
 
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial ``axes`` (0 = X, 1 = Y, 2 = Z), the empty one first: the flips of
+    test-time mirroring (8 for three axes, as nnU-Net)."""
+    axes = tuple(axes)
+    return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2 ** len(axes))]
+
+
+def flip_windows(windows: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+    """Flip a (B, C, X, Y, Z) batch along spatial ``axes``; flipping twice is the identity."""
+    return torch.flip(windows, dims=[2 + a for a in axes]) if axes else windows
+
+
+def mirrored(predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predictor`` averaged over every flip of ``axes``: each flipped batch is predicted and flipped
+    back, and the logits are averaged (nnU-Net's test-time mirroring)."""
+    combos = mirror_combinations(axes)
+    if len(combos) == 1:
+        return predictor
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        total = None
+        for combo in combos:
+            logits = flip_windows(predictor(flip_windows(windows, combo)), combo).float()
+            total = logits if total is None else total + logits
+        return total / len(combos)
+    return predict
+
+
 def sliding_window_inference(inputs: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int,
                              predictor: Callable[[torch.Tensor], torch.Tensor], overlap: float = 0.5,
-                             num_classes: int | None = None, progress: bool = False) -> torch.Tensor:
-    """Probabilities (K, X, Y, Z) for one (C, X, Y, Z) image from ``predictor(windows) -> logits``."""
+                             num_classes: int | None = None, progress: bool = False,
+                             mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+    """Probabilities (K, X, Y, Z) for one (C, X, Y, Z) image from ``predictor(windows) -> logits``,
+    with test-time mirroring over ``mirror_axes`` (none by default)."""
+    predictor = mirrored(predictor, mirror_axes)
     starts_all = window_starts(pad_to_roi(inputs, roi_size).shape[1:], roi_size, overlap)
     acc = None
     bar = tqdm(total=len(starts_all), desc="windows", unit="win", disable=not progress, leave=False)

@@ -81,8 +81,29 @@ def initialize_pipeline(module: PipelineModule, ds_cfg: dict[str, Any]) -> Any:
     topology: Topology = topology_for(ds_cfg, world, stages)
     check_ds_config(ds_cfg, topology, pipeline=True)
     params = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=copy.deepcopy(ds_cfg))
+    cfg, scheduler = torch_scheduler(ds_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=cfg, lr_scheduler=scheduler)
     return engine
+
+
+def torch_scheduler(ds_cfg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(a copy of the config, a client scheduler or None): a ``scheduler`` that DeepSpeed does not define
+    but ``torch.optim.lr_scheduler`` does (e.g. ``PolynomialLR``, nnU-Net's poly schedule) is built by us.
+
+    DeepSpeed would build it around its ZeRO optimizer wrapper, which torch's schedulers refuse ("not an
+    Optimizer"); as a client scheduler it receives the wrapped torch optimizer, whose parameter groups
+    the ZeRO optimizer steps, and DeepSpeed saves and restores its state with the checkpoint.
+    """
+    from deepspeed.runtime import lr_schedules
+
+    cfg = copy.deepcopy(ds_cfg)
+    section = cfg.get("scheduler") or {}
+    name = section.get("type")
+    if name is None or hasattr(lr_schedules, name) or not hasattr(torch.optim.lr_scheduler, name):
+        return cfg, None
+    del cfg["scheduler"]
+    params = dict(section.get("params") or {})
+    return cfg, lambda optimizer: getattr(torch.optim.lr_scheduler, name)(optimizer, **params)
 
 
 def initialize_plain(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> Any:

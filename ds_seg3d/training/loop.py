@@ -128,8 +128,9 @@ def run(args: argparse.Namespace):
         return 2, None, None
     run.mkdir(parents=True, exist_ok=True)
     sched = ds_cfg.get("scheduler", {}).get("params", {})
-    if "total_num_steps" in sched:  # cosine/decay schedules end with the run, however long it is
-        sched["total_num_steps"] = cfg.train.steps
+    for key in ("total_num_steps", "total_iters"):  # cosine, decay and poly schedules end with the run
+        if key in sched:
+            sched[key] = cfg.train.steps
     monitor = {"output_path": str(run / "monitor"), "job_name": "train"}
     ds_cfg.setdefault("csv_monitor", {"enabled": True}).update(monitor)
     if "tensorboard" in ds_cfg or importlib.util.find_spec("tensorboard") is not None:

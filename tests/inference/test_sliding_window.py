@@ -175,3 +175,41 @@ def test_sliding_window_blends_disagreeing_windows_towards_the_centre():
     assert probs.shape == (2, 20, 9, 6)
     assert torch.allclose(probs.sum(0), torch.ones(20, 9, 6), atol=1e-5)
     assert probs[1, 9, 4, 2] > probs[1, 0, 0, 0]  # interior beats the volume's corner
+
+
+def test_mirror_combinations_are_every_subset_once():
+    from ds_seg3d.inference.sliding_window import mirror_combinations
+
+    combos = mirror_combinations((0, 1, 2))
+    assert combos[0] == () and len(combos) == 8 and len(set(combos)) == 8
+    assert mirror_combinations((0, 1)) == [(), (0,), (1,), (0, 1)]
+
+
+def test_mirroring_makes_any_predictor_flip_equivariant():
+    from ds_seg3d.inference.sliding_window import flip_windows, mirrored
+
+    torch.manual_seed(0)
+    weight = torch.randn(2, 1, 3, 3, 3)
+
+    def lopsided(windows: torch.Tensor) -> torch.Tensor:  # a conv with an asymmetric kernel: not equivariant
+        return F.conv3d(windows, weight, padding=1)
+
+    x = torch.randn(1, 1, 8, 6, 4)
+    tta = mirrored(lopsided, (0, 1, 2))
+    for axes in [(0,), (1, 2), (0, 1, 2)]:
+        assert not torch.allclose(lopsided(flip_windows(x, axes)), flip_windows(lopsided(x), axes), atol=1e-4)
+        assert torch.allclose(tta(flip_windows(x, axes)), flip_windows(tta(x), axes), atol=1e-5)
+    # the average of the 8 flipped predictions, each flipped back
+    manual = sum(flip_windows(lopsided(flip_windows(x, c)), c) for c in
+                 [(), (0,), (1,), (0, 1), (2,), (0, 2), (1, 2), (0, 1, 2)]) / 8
+    assert torch.allclose(tta(x), manual, atol=1e-6)
+    assert mirrored(lopsided, ()) is lopsided
+
+
+def test_sliding_windows_with_mirroring_cover_the_volume_like_without():
+    probs = sliding_window_inference(torch.randn(1, 20, 9, 6), (8, 8, 6), 2, lambda w: w.repeat(1, 2, 1, 1, 1),
+                                     overlap=0.5, mirror_axes=(0, 1, 2))
+    plain = sliding_window_inference(torch.randn(1, 20, 9, 6), (8, 8, 6), 2, lambda w: w.repeat(1, 2, 1, 1, 1),
+                                     overlap=0.5)
+    assert probs.shape == plain.shape == (2, 20, 9, 6)
+    assert torch.allclose(probs.sum(0), torch.ones(20, 9, 6), atol=1e-5)

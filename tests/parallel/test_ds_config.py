@@ -42,8 +42,14 @@ def test_config_is_valid_for_ours_and_deepspeed(path):
     assert parsed.gradient_accumulation_steps == topo.grad_accum
     if pipeline:
         assert parsed.zero_optimization_stage <= 1
-    assert parsed.optimizer_params.get("torch_adam") is True
-    assert parsed.scheduler_name in VALID_LR_SCHEDULES
+    if parsed.optimizer_name == "adam":  # no JIT build of DeepSpeed's fused Adam
+        assert parsed.optimizer_params.get("torch_adam") is True
+    else:  # nnU-Net's SGD with Nesterov momentum, which ZeRO wraps like any torch optimizer
+        assert parsed.optimizer_name == "SGD" and parsed.optimizer_params["nesterov"] is True
+        assert cfg["zero_allow_untested_optimizer"] is True
+    import torch
+
+    assert parsed.scheduler_name in VALID_LR_SCHEDULES or hasattr(torch.optim.lr_scheduler, parsed.scheduler_name)
     assert parsed.gradient_clipping > 0
     assert parsed.monitor_config.csv_monitor.enabled
     assert parsed.wall_clock_breakdown is False
@@ -183,3 +189,24 @@ def test_load_errors_name_the_file(tmp_path):
     missing = tmp_path / "missing.json"
     with pytest.raises(ValueError, match=rf"^{missing}: cannot read DeepSpeed config"):
         load_ds_config(missing)
+
+
+def test_a_torch_schedule_deepspeed_lacks_becomes_a_client_scheduler():
+    """nnU-Net's poly schedule: DeepSpeed would hand torch's PolynomialLR its ZeRO wrapper, which torch
+    refuses; as a client scheduler it gets the torch optimizer and follows lr0 * (1 - t / T) ** 0.9."""
+    import torch
+
+    from ds_seg3d.parallel.engines import torch_scheduler
+
+    cfg = load_ds_config(CONFIG_DIR / "pipeline_zero1_cpu_fp32_sgd.json")
+    stripped, make = torch_scheduler(cfg)
+    assert "scheduler" not in stripped and "scheduler" in cfg and make is not None
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = make(opt)
+    total = cfg["scheduler"]["params"]["total_iters"]
+    for t in range(1, 4):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - t / total) ** 0.9)
+    same, none = torch_scheduler(load_ds_config(CONFIG_DIR / "pipeline_zero1_cpu_fp32.json"))
+    assert none is None and same["scheduler"]["type"] == "WarmupCosineLR"  # DeepSpeed's own stays DeepSpeed's
