@@ -149,14 +149,16 @@ def region(patch: tuple[int, ...]) -> tuple[int, ...]:
 def measure(name: str, patch: tuple[int, ...], patches: int, warmup: int = 5) -> dict[str, Any]:
     module, build, coverage = LIBRARIES[name]
     try:
-        version = __import__(module).__version__
+        from importlib import metadata
+
+        version = metadata.version(module)
         run = build(patch)
-    except ImportError as e:
+    except (ImportError, metadata.PackageNotFoundError) as e:
         return {"library": name, "status": f"not installed ({e})"}
     np.random.seed(0)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    shape = region(patch) if name != "batchgeneratorsv2" else region(patch)
+    shape = region(patch)
     image = rng.standard_normal((1, *shape)).astype(np.float32)
     label = (rng.random(shape) > 0.7).astype(np.uint8)
     for _ in range(warmup):

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from ds_seg3d.data.augment import AUGMENTATIONS
 from ds_seg3d.models import MODEL_CONFIGS
 from ds_seg3d.paths import resolve
 from ds_seg3d.planning.plans import CONFIGURATIONS, NetworkPlan
@@ -29,8 +30,10 @@ class DataConfig:
     plan's (a planned model); a network named in ``model.name`` needs one."""
     oversample_foreground: float = 0.33
     """Share of patches centred on a foreground voxel (nnU-Net uses 0.33)."""
-    augment: bool = True
-    """Flips, in-plane 90-degree rotations, intensity scale/shift and noise on training patches."""
+    augment: str = "nnunet"
+    """Training patch augmentation: "nnunet" (nnU-Net's transforms: rotation, scaling, noise, blur,
+    brightness, contrast, low resolution, gamma, mirroring), "light" (flips, in-plane quarter turns,
+    intensity scale/shift and noise; ``true`` in earlier configs) or "none" (``false``)."""
     train_split: str = "train"
     """Manifest split to train on."""
     val_split: str = "val"
@@ -39,6 +42,11 @@ class DataConfig:
     def validate(self) -> None:
         if self.patch is not None and (len(self.patch) != 3 or min(self.patch) < 1):
             raise ValueError(f"data.patch must be three positive sizes, got {self.patch}")
+        flag = str(self.augment).lower()  # earlier configs said true / false
+        self.augment = "light" if flag in ("true", "yes", "on", "1") else "none" if flag in (
+            "false", "no", "off", "0") else str(self.augment)
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if not 0.0 <= self.oversample_foreground <= 1.0:
             raise ValueError(f"data.oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
 

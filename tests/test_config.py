@@ -56,7 +56,7 @@ def test_defaults_validate_and_match_no_file():
 def test_every_section_loads_with_declared_types(tmp_path):
     cfg = load_config(_write(tmp_path, FULL_TOML))
     assert cfg.data == DataConfig(shards="/data/shards", patch=(32, 48, 16), oversample_foreground=0.5,
-                                  augment=False, train_split="tr", val_split="va")
+                                  augment="none", train_split="tr", val_split="va")
     assert isinstance(cfg.data.patch, tuple)
     assert cfg.model.name == "deep_cnn"
     assert cfg.model.params == {"depth": 6, "width": 4, "dilations": [1, 2]}
@@ -101,9 +101,10 @@ OVERRIDES = [
     ("train.seed= 99", lambda c: c.train.seed, 99, int),
     ("data.oversample_foreground=0.75", lambda c: c.data.oversample_foreground, 0.75, float),
     ("train.dice_weight=2", lambda c: c.train.dice_weight, 2.0, float),
-    ("data.augment=false", lambda c: c.data.augment, False, bool),
-    ("data.augment=off", lambda c: c.data.augment, False, bool),
-    ("data.augment=True", lambda c: c.data.augment, True, bool),
+    ("data.augment=false", lambda c: c.data.augment, "none", str),  # earlier configs' flag
+    ("data.augment=off", lambda c: c.data.augment, "none", str),
+    ("data.augment=True", lambda c: c.data.augment, "light", str),
+    ("data.augment=nnunet", lambda c: c.data.augment, "nnunet", str),
     ("data.patch=64,64,32", lambda c: c.data.patch, (64, 64, 32), tuple),
     ("data.patch=16, 8, 4", lambda c: c.data.patch, (16, 8, 4), tuple),
     ("data.shards=/tmp/x=y", lambda c: c.data.shards, "/tmp/x=y", str),

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ds_seg3d.data.augment import AugmentConfig
+from ds_seg3d.data.augment import AugmentConfig, NnUNetAugment
 from ds_seg3d.data.augment import augment as apply_augment
 from ds_seg3d.data.reader import ShardReader
 
@@ -46,12 +46,13 @@ class PatchSampler:
             patch per axis) on a voxel of a randomly chosen label class present in the case; the other
             patches sit at a uniformly random position. nnU-Net's 0.33 keeps small organs in view.
         patches_per_epoch: samples per rank per epoch; default: the largest rank's share of the cases.
-        augment: augmentation applied to each patch, or None for none.
+        augment: augmentation applied to each patch (``NnUNetAugment`` reads its larger region around the
+            patch), or None for none.
     """
 
     def __init__(self, reader: ShardReader, case_ids: Sequence[str], patch_size: int | Sequence[int], *,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, oversample_foreground: float = 0.33,
-                 patches_per_epoch: int | None = None, augment: AugmentConfig | None = None):
+                 patches_per_epoch: int | None = None, augment: AugmentConfig | NnUNetAugment | None = None):
         self.reader = reader
         self.case_ids = [str(c) for c in case_ids]
         if not self.case_ids:
@@ -122,6 +123,14 @@ class PatchSampler:
         """Sample (epoch, index): image (1, X, Y, Z) float32 and label (X, Y, Z) int64."""
         rng = self._rng(epoch, index)
         p = self._plan(epoch, index, rng)
+        if isinstance(self.augment, NnUNetAugment):  # read the region around the patch, augment, crop
+            if self.augment.patch != self.patch_size:
+                raise ValueError(f"augmentation for patch {self.augment.patch}, sampler for {self.patch_size}")
+            offset = (np.asarray(self.augment.region) - np.asarray(self.patch_size)) // 2
+            image, label = self.reader.read_patch(p.case, tuple(int(v) for v in np.asarray(p.start) - offset),
+                                                  self.augment.region)
+            image, label = self.augment(image[None], label, seed=int(rng.integers(2**32)))
+            return image.astype(np.float32, copy=False), label.astype(np.int64)
         image, label = self.reader.read_patch(p.case, p.start, self.patch_size)
         if self.augment is not None:
             image, label = apply_augment(image, label, rng, self.augment)

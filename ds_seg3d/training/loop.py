@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.config import PLANNED, ExperimentConfig, apply_plan, load_config
-from ds_seg3d.data.augment import AugmentConfig
+from ds_seg3d.data.augment import AugmentConfig, NnUNetAugment
 from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
 from ds_seg3d.models import build_layers, check_patch
@@ -59,6 +59,13 @@ def planned_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, NetworkPlan
     if plan is None:
         raise ValueError(f"{Path(cfg.data.shards) / PLANS_NAME}: no {cfg.model.plan!r} network planned")
     return apply_plan(cfg, plan), plan
+
+
+def augmentation(cfg: ExperimentConfig) -> AugmentConfig | NnUNetAugment | None:
+    """The training patches' augmentation; nnU-Net's rotates a slice-wise network's patches in-plane only."""
+    if cfg.data.augment == "nnunet":
+        return NnUNetAugment(cfg.data.patch, slices=cfg.model.name == "cnn2d")
+    return AugmentConfig() if cfg.data.augment == "light" else None
 
 
 def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology,
@@ -152,7 +159,7 @@ def run(args: argparse.Namespace):
     sampler = PatchSampler(reader, train_cases, cfg.data.patch, dp_rank=dp_rank, dp_size=topo.dp,
                            seed=cfg.train.seed, oversample_foreground=cfg.data.oversample_foreground,
                            patches_per_epoch=math.ceil(len(train_cases) / topo.dp),
-                           augment=AugmentConfig() if cfg.data.augment else None)
+                           augment=augmentation(cfg))
     start = 0
     if args.resume:
         _, state = engine.load_checkpoint(str(ckpt.checkpoint_root(run)), tag=ckpt.latest_tag(run),

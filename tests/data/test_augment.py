@@ -111,3 +111,59 @@ def test_invalid_config_is_refused(kwargs):
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="differs from label shape"):
         augment(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 5), np.uint8), np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- nnU-Net's augmentation (MONAI)
+
+from ds_seg3d.data.augment import NnUNetAugment, region  # noqa: E402
+
+
+def _block(shape) -> tuple[np.ndarray, np.ndarray]:
+    """A label box and an image that is the label times 10 plus a gradient: alignment is checkable."""
+    label = np.zeros(shape, np.uint8)
+    x, y, z = shape
+    label[x // 3: 2 * x // 3, y // 4: 3 * y // 4, z // 3: 2 * z // 3] = 1
+    image = (10.0 * label + np.linspace(0, 1, x)[:, None, None]).astype(np.float32)[None]
+    return image, label
+
+
+def test_region_leaves_room_for_rotation_and_zoom():
+    assert region((64, 64, 32)) == (104, 104, 52)  # +-30 degrees about every axis, zoom down to 0.85
+    assert region((64, 64, 32), slices=True)[:2] == (108, 108)  # a full in-plane turn: the diagonal
+    assert region((96, 96, 16))[2] == 20  # anisotropic: in-plane rotation only, Z just for the zoom
+
+
+def test_nnunet_augmentation_is_seeded_and_keeps_image_and_label_aligned():
+    aug = NnUNetAugment((32, 32, 16))
+    image, label = _block(aug.region)
+    a, b = aug(image, label, seed=5), aug(image, label, seed=5)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    outputs = [aug(image, label, seed=s) for s in range(24)]
+    assert len({o[0].tobytes() for o in outputs}) > 20  # different seeds, different draws
+    for img, lab in outputs:
+        assert img.shape == (1, 32, 32, 16) and lab.shape == (32, 32, 16) and lab.dtype == np.int64
+        assert set(np.unique(lab)) <= {0, 1}
+        inside, outside = img[0][lab == 1], img[0][lab == 0]
+        if inside.size and outside.size:  # intensity transforms move values; the box stays brighter
+            assert np.median(inside) > np.median(outside)
+
+
+def test_without_any_draw_the_patch_is_the_regions_centre():
+    aug = NnUNetAugment((16, 16, 8))
+    for t in aug.pipeline.transforms:  # switch every random transform off
+        if hasattr(t, "prob"):
+            t.prob = 0.0
+    image, label = _block(aug.region)
+    out_image, out_label = aug(image, label, seed=0)
+    start = [(r - p) // 2 for r, p in zip(aug.region, (16, 16, 8))]
+    centre = tuple(slice(s, s + p) for s, p in zip(start, (16, 16, 8)))
+    assert np.array_equal(out_label, label[centre]) and np.allclose(out_image[0], image[0][centre])
+
+
+def test_slice_networks_are_mirrored_and_rotated_in_plane_only():
+    aug = NnUNetAugment((32, 32, 8), slices=True)
+    flips = [t for t in aug.pipeline.transforms if type(t).__name__ == "RandFlipd"]
+    assert [f.flipper.spatial_axis for f in flips] == [0, 1]
+    affine = next(t for t in aug.pipeline.transforms if type(t).__name__ == "RandAffined")
+    ranges = affine.rand_affine.rand_affine_grid.rotate_range
+    assert tuple(ranges[0]) == (0.0, 0.0) and tuple(ranges[1]) == (0.0, 0.0) and ranges[2][1] > 3.1

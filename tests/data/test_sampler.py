@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ds_seg3d.data import shard_format as sf
-from ds_seg3d.data.augment import AugmentConfig
+from ds_seg3d.data.augment import AugmentConfig, NnUNetAugment
 from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
 
@@ -59,10 +59,12 @@ def _sampler(folder: Path, **kw) -> PatchSampler:
     return PatchSampler(reader, reader.case_ids("train"), kw.pop("patch_size", PATCH), **kw)
 
 
-def test_two_instances_draw_the_same_sequence(folder):
-    aug = AugmentConfig()
+@pytest.mark.parametrize("nnunet", [False, True], ids=["light", "nnunet"])
+def test_two_instances_draw_the_same_sequence(folder, nnunet):
+    # the first and the last pipeline stage each build a sampler: their augmented patches must agree
+    aug = NnUNetAugment(PATCH) if nnunet else AugmentConfig()
     a = _sampler(folder, seed=7, dp_rank=1, dp_size=2, augment=aug)
-    b = _sampler(folder, seed=7, dp_rank=1, dp_size=2, augment=aug)
+    b = _sampler(folder, seed=7, dp_rank=1, dp_size=2, augment=NnUNetAugment(PATCH) if nnunet else aug)
     other = _sampler(folder, seed=8, dp_rank=1, dp_size=2, augment=aug)
     differs = False
     for epoch in (0, 3):
