@@ -23,9 +23,9 @@ pytestmark = pytest.mark.multirank
 CFG = script.MODEL
 
 
-def _run(tmp_path: Path, *args: str) -> list[dict]:
+def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[dict]:
     out = tmp_path / "result"
-    run_deepspeed("pipeline_equivalence.py", ["--out", str(out), *args], num_ranks=2, timeout=900)
+    run_deepspeed("pipeline_equivalence.py", ["--out", str(out), *args], num_ranks=2, timeout=900, env=env)
     results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [r["stage"] for r in results] == [0, 1]
     return results
@@ -70,3 +70,20 @@ def test_deep_supervision_logits_cross_the_pipe_and_train_as_on_one_device(tmp_p
     results = _run(tmp_path, "--deep-supervision", "--boundary", "6", "--grad-accum", "2", "--partition", "uniform")
     assert all(r["crossing_tensors"] == 3 for r in results)  # skip_0, the current map and level 1's logits
     _assert_equivalent(results, [0, 6, 8], cfg=script.SUPERVISED)
+
+
+def test_one_backward_walk_per_micro_batch_with_deepspeeds_own_gradients(tmp_path):
+    """DeepSpeed 0.19.8 walks a stage's graph once per tensor it sent (the shared encoder once per skip);
+    ds_seg3d's joint backward walks it once, and every weight update is DeepSpeed's own."""
+    args = ("--partition", "uniform", "--grad-accum", "2")
+    stock = _run(tmp_path / "stock", *args, env={"DS_SEG3D_JOINT_BACKWARD": "0"})
+    joint = _run(tmp_path / "joint", *args)
+    first_stock, first_joint = stock[0], joint[0]
+    assert first_stock["crossing_tensors"] >= 2
+    assert first_stock["first_layer_backward_walks"] == first_stock["crossing_tensors"] * 2  # per sent tensor
+    assert first_joint["first_layer_backward_walks"] == 2  # once per micro-batch
+    for a, b in zip(stock, joint):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-7)
+        for index, params in a["updates"].items():
+            for name, values in params.items():
+                assert b["updates"][index][name] == pytest.approx(values, abs=1e-7), (index, name)

@@ -119,6 +119,8 @@ def main() -> None:
     start = module._local_start
     local = {start + i: layer for i, layer in enumerate(module.forward_funcs)}
     pipe_initial = {i: copy.deepcopy(layer.state_dict()) for i, layer in local.items()}
+    walks = [0]  # backward passes through this stage's first layer (stage 0: the encoder every skip shares)
+    local[start].register_full_backward_hook(lambda *_: walks.__setitem__(0, walks[0] + 1))
 
     engine = initialize_pipeline(module, sgd_config(topology))
     data = batches(topology)
@@ -148,6 +150,10 @@ def main() -> None:
         "loss": loss,
         "ref_loss": ref_loss,
         "layers": layers,
+        "first_layer_backward_walks": walks[0],
+        "micro_batches": topology.grad_accum,
+        "updates": {i: {k: (layer.state_dict()[k].float() - pipe_initial[i][k].float()).flatten()[:64].tolist()
+                        for k in layer.state_dict()} for i, layer in local.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / f".rank{rank}.json.tmp"
