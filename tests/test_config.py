@@ -208,7 +208,16 @@ def test_build_config_runs_the_model_validation():
 def test_shipped_experiments_all_load():
     files = sorted((REPO / "experiments").glob("*.toml"))
     assert files, "no experiment files shipped"
+    from ds_seg3d.config import apply_plan
+    from ds_seg3d.models import check_patch
+    from ds_seg3d.planning.plans import plan_network
+
+    plans = {c: plan_network(c, (1.2, 1.2, 3.0), (96.0, 80.0, 40.0), lambda *a: (True, 0.0), base_width=8)
+             for c in ("3d", "2d")}
     for path in files:
         cfg = load_config(path)
+        if cfg.model.name == "planned":  # every shipped experiment trains the shards' plan
+            cfg = apply_plan(cfg, plans[cfg.model.plan])
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=2)
         assert len(build_layers(cfg.model.name, model_cfg)) > 0, path
+        check_patch(model_cfg, cfg.data.patch)

@@ -49,7 +49,7 @@ def test_shipped_configs_resolve_from_any_folder(tmp_path: Path, monkeypatch) ->
 
     monkeypatch.chdir(tmp_path)
     assert load_ds_config("ds_configs/pipeline_zero1_gpu_bf16.json")["bf16"]["enabled"] is True
-    assert load_config("experiments/kidney_2d.toml").model.name == "cnn2d"
+    assert load_config("experiments/kidney_2d.toml").model.plan == "2d"
     assert paths.resolve("ds_configs/none.json") == Path("ds_configs/none.json")  # reported missing by the caller
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "mine.json").write_text("{}")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_seg3d.experiment.spec import PY, Arm, Comparison, Settings
-from ds_seg3d.paths import SAMPLE_CT_IMAGE, SAMPLE_CT_LABEL
+from ds_seg3d.experiment.spec import PY, Arm, Comparison, Settings, plan_cmd, shards_cmd
+from ds_seg3d.paths import SAMPLE_CT_IMAGE, SAMPLE_CT_LABEL, shipped
 
 PSOAS_ADVERSARIAL_WEIGHT = 0.05
 
@@ -36,12 +36,13 @@ PSOAS_ADVERSARIAL = Comparison(
             "says nothing either way, and phantoms are not the report's CT scans."),
     scale_up=(
         "The same command with GPU settings (launched from the folder holding `.deepspeed_env`, if any):\n\n"
-        "```\npython -m ds_seg3d experiment psoas-adversarial --out /scratch/psoas-adversarial --cases 200 \\\n"
-        "    --steps 5000 --stages 4 --seed 0 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
-        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \\\n"
-        "    --discriminator-config ds_configs/discriminator_gpu_bf16.json --set data.patch=128,128,64 \\\n"
-        "    --set model.params.levels=5 --set model.params.base_width=16 --set model.params.max_width=256\n```\n\n"
-        "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); both engines "
+        "```\nds-seg3d experiment psoas-adversarial --out /scratch/psoas-adversarial --cases 200 \\\n"
+        "    --steps 5000 --ranks 8 --stages 4 --seeds 0 1 2 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
+        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16_sgd.json \\\n"
+        "    --discriminator-config ds_configs/discriminator_gpu_bf16.json --plan-budget-gb 40 --plan-base-width 32\n"
+        "```\n\n"
+        "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); the shards' 3D U-Net "
+        "is planned for 40 GB per GPU over the 4 stages with nnU-Net's widths (32, capped at 320); both engines "
         "train in bf16 with fp32 master weights; 4 micro-batches per step fill the pipeline; the warm-up "
         "stays a third of the steps; prediction runs on one GPU. For real CT, build shards from "
         "TotalSegmentator (`--labels \"psoas=iliopsoas_left,iliopsoas_right\"`) and launch each arm's "
@@ -85,16 +86,14 @@ KIDNEY_3D_VS_2D = Comparison(
             "and a network this small and this briefly trained says little about the ceiling of either design."),
     scale_up=(
         "The same comparison with GPU settings (launched from the folder holding `.deepspeed_env`, if any):\n\n"
-        "```\npython -m ds_seg3d experiment kidney-3d-vs-2d --out /scratch/kidney-3d-vs-2d --cases 200 \\\n"
-        "    --steps 5000 --stages 4 --seed 0 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
-        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json --set data.patch=128,128,64 \\\n"
-        "    --set model.params.levels=5 --arm-set 3d:model.params.base_width=16 \\\n"
-        "    --arm-set 3d:model.params.max_width=256 --arm-set 2d:model.params.base_width=28 \\\n"
-        "    --arm-set 2d:model.params.max_width=448\n```\n\n"
-        "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); bf16 with fp32 "
-        "master weights; 4 micro-batches per step fill the pipeline; `--arm-set` keeps the two networks' "
-        "parameter counts matched at the larger width. `benchmarks/gpu_checks.sh` runs a one-GPU "
-        "version of this comparison (its result: the next section)."),
+        "```\nds-seg3d experiment kidney-3d-vs-2d --out /scratch/kidney-3d-vs-2d --cases 200 \\\n"
+        "    --steps 5000 --ranks 8 --stages 4 --seeds 0 1 2 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
+        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16_sgd.json --plan-budget-gb 40 --plan-base-width 32\n"
+        "```\n\n"
+        "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); both networks are "
+        "planned for 40 GB per GPU over the 4 stages with nnU-Net's widths (32, capped at 320 in 3D and 512 in "
+        "2D); bf16 with fp32 master weights; 4 micro-batches per step fill the pipeline. "
+        "`benchmarks/gpu_checks.sh` runs a one-GPU version of this comparison."),
 )
 
 
@@ -103,9 +102,7 @@ def real_ct_data(c: Comparison, s: Settings, out: Path) -> list[tuple[str, list[
     return [("halves", [*PY, "data_tools", "halves", str(SAMPLE_CT_IMAGE), str(SAMPLE_CT_LABEL),
                         str(out / "halves"), "--name", "ct",
                         "--labels", "kidney=2,3;psoas=88,89"]),
-            ("build-shards", [*PY, "data_tools", "build-shards", str(out / "halves"), str(out / "shards"),
-                              "--spacing", *map(str, c.spacing), "--seed", str(s.seed),
-                              "--val-fraction", str(c.val_fraction), "--test-fraction", str(c.test_fraction)])]
+            shards_cmd(c, s, out / "halves", out), plan_cmd(s, out)]
 
 
 REAL_CT = Comparison(
@@ -133,11 +130,34 @@ REAL_CT = Comparison(
     scale_up=(
         "For a real dataset, build shards from TotalSegmentator folders and run either arm's training command "
         "(in `arms/<arm>/train.log`) on them with GPU settings, e.g.:\n\n"
-        "```\npython -m data_tools build-shards /data/totalseg /scratch/shards --spacing 1.5 1.5 1.5 \\\n"
+        "```\ndata-tools build-shards /data/totalseg /scratch/shards \\\n"
         "    --labels \"kidney=kidney_left,kidney_right;psoas=iliopsoas_left,iliopsoas_right\"\n"
+        "ds-seg3d plan /scratch/shards --budget-gb 40 --ranks 8 --stages 4\n"
         "deepspeed --hostfile hostfile --module ds_seg3d.train --data /scratch/shards --out /scratch/run \\\n"
         "    --config experiments/realct_3d.toml --stages 4 --steps 20000 \\\n"
-        "    --deepspeed_config ds_configs/pipeline_zero1_gpu_bf16.json --set data.patch=128,128,128\n```"),
+        "    --deepspeed_config ds_configs/pipeline_zero1_gpu_bf16_sgd.json\n```"),
 )
 
-COMPARISONS: dict[str, Comparison] = {c.name: c for c in (PSOAS_ADVERSARIAL, KIDNEY_3D_VS_2D, REAL_CT)}
+ADAM_CONFIG, SGD_CONFIG = "ds_configs/pipeline_zero1_cpu_fp32.json", "ds_configs/pipeline_zero1_cpu_fp32_sgd.json"
+
+KIDNEY_OPTIMIZER = Comparison(
+    name="kidney-optimizer", heading="## Phantom polycystic kidneys: Adam with a cosine schedule vs nnU-Net's SGD",
+    task="kidney", labels="kidney=1", config="experiments/kidney_demo.toml", spacing=(1.2, 1.2, 3.0),
+    val_fraction=0.1, test_fraction=0.3,
+    arms=(Arm("adam", "Adam, lr 2e-3, 10 warm-up steps then a cosine decay (`pipeline_zero1_cpu_fp32.json`)",
+              lambda s: ["--deepspeed_config", str(shipped(ADAM_CONFIG))]),
+          Arm("sgd", "SGD with Nesterov momentum 0.99, lr 1e-2, poly decay (exponent 0.9), weight decay 3e-5: "
+                     "nnU-Net's (`pipeline_zero1_cpu_fp32_sgd.json`)",
+              lambda s: ["--deepspeed_config", str(shipped(SGD_CONFIG))])),
+    defaults=Settings(steps=500),
+    question=(
+        "Which optimizer should the project default to on this budget? Both arms train the demo's planned 3D "
+        "U-Net (`experiments/kidney_demo.toml`: nnU-Net's topology, deep supervision and augmentation) on the "
+        "same phantom shards with the same seeds and steps; only the optimizer and its schedule differ. nnU-Net "
+        "trains with SGD for 250,000 iterations; this asks which converges better in a few hundred."),
+    caveat="Phantoms and a short CPU budget: the choice is for this budget, not a claim about long training.",
+    scale_up=("On GPUs both configurations exist in bf16 (`pipeline_zero1_gpu_bf16.json`, "
+              "`pipeline_zero1_gpu_bf16_sgd.json`); the same command with `--deepspeed-config` set to either."),
+)
+
+COMPARISONS: dict[str, Comparison] = {c.name: c for c in (PSOAS_ADVERSARIAL, KIDNEY_3D_VS_2D, REAL_CT, KIDNEY_OPTIMIZER)}

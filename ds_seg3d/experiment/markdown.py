@@ -10,6 +10,10 @@ from ds_seg3d.config import load_config
 from ds_seg3d.experiment.spec import Comparison, Settings
 from ds_seg3d.paths import shipped
 
+FIGURES = "experiments/results"
+"""Where ``--write-md`` puts the figures its section shows, relative to the markdown file."""
+INTRO = "# Experiments\n\nComparisons run end to end by `ds-seg3d experiment NAME`; each section says how.\n"
+
 
 def _num(row: dict, field: str) -> float:
     """A CSV cell as a float; absent or empty cells are nan (HD95 of an empty mask reads "inf" or "nan")."""
@@ -95,6 +99,13 @@ def verdicts(rows: list[dict], reference: str, variant: str) -> str:
                         for label in labels)
 
 
+def _params(params: dict) -> str:
+    """A network's parameters in a line: per-level strides and kernels as 1x1x1 2x2x1 ..."""
+    shown = {k: (" ".join("x".join(map(str, t)) for t in v) if k in ("strides", "kernels") and v else v)
+             for k, v in params.items()}
+    return json.dumps(shown)
+
+
 def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
     """The markdown under the comparison's heading: question, command, set-up, machine, table, verdict."""
     s, m = summary["settings"], summary["machine"]
@@ -105,10 +116,17 @@ def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
               f"{s['ranks']} ranks = {s['stages']} pipeline stages x {s['ranks'] // s['stages']} data-parallel")
     adversarial = any("--adversarial" in arm.train_args(settings) for arm in c.arms)
     models = []
+    trained = {r["arm"]: r.get("model") for r in summary["arms"]}
     for arm in c.arms:
-        cfg = load_config(shipped(c.arm_config(arm)), settings.arm_sets(arm.name))
-        models.append(f"`{arm.name}`: patch {' x '.join(map(str, cfg.data.patch))}, `{cfg.model.name}` "
-                      f"{json.dumps(cfg.model.params)} (`{c.arm_config(arm)}`)")
+        net = trained.get(arm.name)
+        if net is None:  # not trained: what its config says
+            cfg = load_config(shipped(c.arm_config(arm)), settings.arm_sets(arm.name))
+            net = {"name": cfg.model.name, "params": cfg.model.params, "patch": cfg.data.patch}
+        patch = " x ".join(map(str, net["patch"])) if net.get("patch") else "the plan's"
+        weights = f", {net['weights']:,} weights" if net.get("weights") else ""
+        planned = " planned" if net.get("planned") else ""
+        models.append(f"`{arm.name}`:{planned} `{net['name']}` {_params(net['params'])}, patch {patch}{weights} "
+                      f"(`{c.arm_config(arm)}`)")
     out = [c.question, "", "```", summary["command"], "```", "",
            f"- Data: {c.data_text(c, settings, splits)}, shards at {' x '.join(map(str, c.spacing))} mm.",
            "- Models: " + "; ".join(models) + ".",

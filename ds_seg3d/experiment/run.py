@@ -32,20 +32,18 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ds_seg3d.checkpoint import RUN_INFO
 from ds_seg3d.data.shard_format import MANIFEST_NAME, iter_cases, load_manifest
 from ds_seg3d.evaluation.bland_altman import bland_altman_writer
 from ds_seg3d.evaluation.evaluate import FIELDS
+from ds_seg3d.experiment import seeds
 from ds_seg3d.experiment.comparisons import COMPARISONS
-from ds_seg3d.experiment.markdown import markdown_table, section, verdicts
+from ds_seg3d.experiment.markdown import FIGURES, INTRO, markdown_table, section, verdicts
 from ds_seg3d.experiment.spec import PY, Arm, Comparison, Settings
 from ds_seg3d.parallel.launch import deepspeed_launcher, free_port, launch_env
 from ds_seg3d.paths import resolve, shipped
 from ds_seg3d.results import machine, replace_section, write_files, write_text_atomic
 from ds_seg3d.training.run_log import METRICS
-
-FIGURES = "experiments/results"
-"""Where ``--write-md`` puts the figures its section shows, relative to the markdown file."""
-INTRO = "# Experiments\n\nComparisons run end to end by `python -m ds_seg3d experiment NAME`; each section says how.\n"
 
 
 def train_cmd(c: Comparison, s: Settings, arm: Arm, shards: Path, run: Path, port: int) -> list[str]:
@@ -139,6 +137,20 @@ def training_summary(run: Path) -> dict:
     return {**out, "val_dice": val[-1]["dice"]} if val else out
 
 
+def trained_model(run: Path) -> dict | None:
+    """The network an arm trained, as its run.json records it (a planned one made concrete)."""
+    try:
+        info = json.loads((run / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    from ds_seg3d.inference.cases import model_from_run
+    from ds_seg3d.models import count_parameters
+
+    return {"name": info["model"]["name"], "params": info["experiment"]["model"]["params"],
+            "patch": info["experiment"]["data"]["patch"], "weights": count_parameters(model_from_run(info)[1]),
+            "planned": info.get("plan") is not None}
+
+
 def run_arm(c: Comparison, s: Settings, arm: Arm, out: Path, test: list[tuple[str, Path, Path]]) -> dict:
     """Train, predict and evaluate one arm; its record: status, seconds and command per step, training."""
     adir = out / "arms" / arm.name
@@ -158,6 +170,7 @@ def run_arm(c: Comparison, s: Settings, arm: Arm, out: Path, test: list[tuple[st
             print(f"arm {arm.name}: {rec['status']} (log {adir / f'{name}.log'})", flush=True)
             break
     rec["training"] = training_summary(run)
+    rec["model"] = trained_model(run)
     rec["load_avg_15min"] = round(os.getloadavg()[2], 2)  # others' jobs on the same cores slow an arm down
     return rec
 
@@ -195,6 +208,25 @@ def run_comparison(c: Comparison, s: Settings, out: Path, command: str, write_md
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     render(c, out, write_md)
     return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def run_seeds(c: Comparison, s: Settings, seed_list: list[int], out: Path, command: str,
+              write_md: Path | None = None) -> int:
+    """The comparison once per seed in ``out/seed<k>`` (phantoms, split and training all follow the seed),
+    then the spread over seeds. A seed whose comparison finished with the same settings is kept, so an
+    interrupted study resumes where it stopped."""
+    out = out.resolve()
+    status = 0
+    for seed in seed_list:
+        folder = out / f"seed{seed}"
+        mine = dataclasses.replace(s, seed=seed)
+        if seeds.finished(folder, c, mine):
+            print(f"== seed {seed}: finished earlier ({folder}), kept", flush=True)
+            continue
+        print(f"== seed {seed}", flush=True)
+        status = max(status, run_comparison(c, mine, folder, command))
+    seeds.render(c, out, seed_list, write_md)
+    return status
 
 
 def render(c: Comparison, out: Path, write_md: Path | None = None) -> None:
@@ -236,7 +268,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("ranks", "ranks per arm (deepspeed --num_gpus)"), ("stages", "pipeline stages"),
                        ("seed", "seed of phantoms, splits and training, shared by the arms")):
         p.add_argument(f"--{flag}", type=int, help=f"{what} (default: the comparison's)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run the comparison once per seed (OUT/seed<k>, resumed where it stopped) and report the "
+                        "spread; replaces --seed")
     p.add_argument("--phantom-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="nominal phantom size")
+    p.add_argument("--plan-budget-gb", type=float, help="memory per rank the shards' networks are planned for")
+    p.add_argument("--plan-base-width", type=int, help="channels at full resolution of the planned networks")
     p.add_argument("--deepspeed-config", help="segmenter DeepSpeed JSON for every arm")
     p.add_argument("--discriminator-config", help="discriminator DeepSpeed JSON (adversarial arms)")
     p.add_argument("--hostfile", help="launch with this hostfile (its slots give the ranks) instead of --num_gpus")
@@ -262,7 +299,10 @@ def _arm_set(item: str, c: Comparison) -> tuple[str, str]:
 
 
 def settings_from(args: argparse.Namespace, c: Comparison) -> Settings:
-    given = {k: getattr(args, k) for k in ("cases", "steps", "ranks", "stages", "seed") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("cases", "steps", "ranks", "stages", "seed", "plan_budget_gb",
+                                           "plan_base_width") if getattr(args, k) is not None}
+    if args.seeds:
+        given["seed"] = args.seeds[0]
     paths = {k: str(resolve(getattr(args, k)).resolve()) for k in PATH_FLAGS if getattr(args, k)}
     shape = tuple(args.phantom_shape) if args.phantom_shape else c.defaults.phantom_shape
     s = dataclasses.replace(c.defaults, **given, **paths, phantom_shape=shape,
@@ -271,8 +311,12 @@ def settings_from(args: argparse.Namespace, c: Comparison) -> Settings:
     for k in ("cases", "steps", "ranks", "stages"):
         if getattr(s, k) < 1:
             raise ValueError(f"--{k} must be at least 1, got {getattr(s, k)}")
-    if s.seed < 0:
+    if s.seed < 0 or any(k < 0 for k in args.seeds or ()):
         raise ValueError(f"--seed must be non-negative, got {s.seed}")
+    if args.seeds and args.seed is not None:
+        raise ValueError("--seed and --seeds: give one of them")
+    if s.plan_budget_gb <= 0 or s.plan_base_width < 1:
+        raise ValueError("--plan-budget-gb and --plan-base-width must be positive")
     if not s.hostfile and s.ranks % s.stages:
         raise ValueError(f"--ranks {s.ranks} is not a multiple of --stages {s.stages}")
     for k, v in paths.items():
@@ -286,7 +330,9 @@ def reproduce_command(args: argparse.Namespace, s: Settings) -> str:
     phantoms = COMPARISONS[args.name].phantoms
     cmd = ["python", "-m", "ds_seg3d", "experiment", args.name, "--out", args.out,
            *(["--cases", str(s.cases)] if phantoms else []),
-           "--steps", str(s.steps), "--ranks", str(s.ranks), "--stages", str(s.stages), "--seed", str(s.seed)]
+           "--steps", str(s.steps), "--ranks", str(s.ranks), "--stages", str(s.stages),
+           *(["--seeds", *map(str, args.seeds)] if args.seeds else ["--seed", str(s.seed)]),
+           "--plan-budget-gb", f"{s.plan_budget_gb:g}", "--plan-base-width", str(s.plan_base_width)]
     cmd += ["--phantom-shape", *map(str, args.phantom_shape)] if args.phantom_shape and phantoms else []
     for k in PATH_FLAGS:
         cmd += [f"--{k.replace('_', '-')}", getattr(args, k)] if getattr(args, k) else []
@@ -300,12 +346,17 @@ def reproduce_command(args: argparse.Namespace, s: Settings) -> str:
 def run(args: argparse.Namespace) -> int:
     c = COMPARISONS[args.name]
     try:
+        write_md = Path(args.write_md) if args.write_md else None
         if args.report_only:
-            render(c, Path(args.out).resolve(), Path(args.write_md) if args.write_md else None)
+            if args.seeds:
+                seeds.render(c, Path(args.out).resolve(), args.seeds, write_md)
+            else:
+                render(c, Path(args.out).resolve(), write_md)
             return 0
         s = settings_from(args, c)
-        return run_comparison(c, s, Path(args.out), reproduce_command(args, s),
-                              Path(args.write_md) if args.write_md else None)
+        if args.seeds:
+            return run_seeds(c, s, args.seeds, Path(args.out), reproduce_command(args, s), write_md)
+        return run_comparison(c, s, Path(args.out), reproduce_command(args, s), write_md)
     except ValueError as e:
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ds_seg3d.paths import DEFAULT_DISCRIMINATOR_CONFIG, DEFAULT_DS_CONFIG
+from ds_seg3d.paths import DEFAULT_DISCRIMINATOR_CONFIG, DEFAULT_DS_CONFIG, shipped
 
 PY = [sys.executable, "-m"]
 
@@ -26,6 +26,11 @@ class Settings:
     deepspeed_config: str = DEFAULT_DS_CONFIG
     discriminator_config: str = DEFAULT_DISCRIMINATOR_CONFIG
     hostfile: str | None = None
+    plan_budget_gb: float = 0.15
+    """Memory per rank the shards' networks are planned for (``ds-seg3d plan``); on a CPU the real limit is
+    time, and this budget keeps a planned 3D step near one second on 2 cores."""
+    plan_base_width: int = 8
+    """Channels at full resolution of the planned networks (nnU-Net: 32; the CPU default is narrower)."""
     overrides: tuple[str, ...] = ()
     arm_overrides: tuple[tuple[str, str], ...] = ()
     """``(arm, "section.field=value")``: a ``--set`` for that arm alone (widths matched per network, say)."""
@@ -79,10 +84,21 @@ class Comparison:
 
 
 def data_cmds(c: Comparison, s: Settings, out: Path) -> list[tuple[str, list[str]]]:
-    """Phantoms, then shards: one dataset for every arm."""
+    """Phantoms, then shards, then their plans: one dataset for every arm."""
     shape = ["--shape", *map(str, s.phantom_shape)] if s.phantom_shape else []
     return [("phantoms", [*PY, "data_tools", "phantoms", str(out / "phantoms"), "--task", c.task,
                           "--cases", str(s.cases), "--seed", str(s.seed), *shape]),
-            ("build-shards", [*PY, "data_tools", "build-shards", str(out / "phantoms"), str(out / "shards"),
-                              "--spacing", *map(str, c.spacing), "--seed", str(s.seed),
-                              "--val-fraction", str(c.val_fraction), "--test-fraction", str(c.test_fraction)])]
+            shards_cmd(c, s, out / "phantoms", out), plan_cmd(s, out)]
+
+
+def shards_cmd(c: Comparison, s: Settings, source: Path, out: Path) -> tuple[str, list[str]]:
+    return ("build-shards", [*PY, "data_tools", "build-shards", str(source), str(out / "shards"),
+                             "--spacing", *map(str, c.spacing), "--seed", str(s.seed),
+                             "--val-fraction", str(c.val_fraction), "--test-fraction", str(c.test_fraction)])
+
+
+def plan_cmd(s: Settings, out: Path) -> tuple[str, list[str]]:
+    """The shards' 3D and 2D networks, planned for the run's ranks and stages (``ds-seg3d plan SHARDS``)."""
+    return ("plan", [*PY, "ds_seg3d", "plan", str(out / "shards"), "--budget-gb", f"{s.plan_budget_gb:g}",
+                     "--ranks", str(s.ranks), "--stages", str(s.stages), "--base-width", str(s.plan_base_width),
+                     "--deepspeed-config", str(shipped(s.deepspeed_config))])

@@ -16,8 +16,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from ds_seg3d.inference.sliding_window import (WindowAccumulator, flip_windows, mirror_combinations, window_batches,
-                                               window_starts)
+from ds_seg3d.inference.sliding_window import (
+    WindowAccumulator,
+    flip_windows,
+    mirror_combinations,
+    window_batches,
+    window_starts,
+)
 
 
 class PipelinedForward:

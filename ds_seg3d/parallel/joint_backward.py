@@ -70,9 +70,14 @@ def install(engine: Any) -> bool:
 def joint_backward_pass(self: Any, buffer_id: int) -> None:
     """DeepSpeed 0.19.8's ``PipelineEngine._exec_backward_pass`` with one ``torch.autograd.backward`` over a
     stage's outputs instead of one ``backward`` per output."""
-    from deepspeed.runtime.pipe.engine import (BACKWARD_GLOBAL_TIMER, BACKWARD_INNER_GLOBAL_TIMER,
-                                               BACKWARD_INNER_MICRO_TIMER, BACKWARD_MICRO_TIMER, PartitionedTensor)
     from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import (
+        BACKWARD_GLOBAL_TIMER,
+        BACKWARD_INNER_GLOBAL_TIMER,
+        BACKWARD_INNER_MICRO_TIMER,
+        BACKWARD_MICRO_TIMER,
+        PartitionedTensor,
+    )
 
     assert self.optimizer is not None, "must provide optimizer during " \
                                        "init in order to use backward"

@@ -21,7 +21,6 @@ from deepspeed import comm as dist
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.layers import build_sequential
 from ds_seg3d.models.unet3d import UNet3DConfig
-from ds_seg3d.training.losses import DeepSupervisionLoss
 from ds_seg3d.parallel import (
     Topology,
     build_pipeline,
@@ -30,6 +29,7 @@ from ds_seg3d.parallel import (
     initialize_pipeline,
     load_ds_config,
 )
+from ds_seg3d.training.losses import DeepSupervisionLoss
 
 SEED = 4321
 LR = 0.5
