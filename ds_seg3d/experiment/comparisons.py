@@ -71,7 +71,7 @@ KIDNEY_3D_VS_2D = Comparison(
     arms=(Arm("2d", "2D U-Net on axial slices (`cnn2d`), widths matched to the 3D network's parameter count",
               config="experiments/kidney_2d.toml"),
           Arm("3d", "3D U-Net (`unet3d`), the demo's network")),
-    defaults=Settings(steps=400),
+    defaults=Settings(steps=500),
     target=kidney_target,
     question=(
         "Does a 3D CNN segment polycystic kidneys better than a 2D CNN of comparable capacity? (A report found "

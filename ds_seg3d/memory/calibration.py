@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ds_seg3d.memory.measurement import PeakTracker
 from ds_seg3d.models.layers import LayerDef, build_sequential
+from ds_seg3d.parallel import joint_backward
 from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 
 SEED = 1234
@@ -256,8 +257,11 @@ class _StageReplay:
             self.loss.backward()
             return
         outs = [t for t in _tensors(self.buffers["outputs"][buf]) if t.is_floating_point()]
-        for i, (out, grad) in enumerate(zip(outs, self.grad_layer)):
-            out.backward(gradient=grad, retain_graph=i < len(outs) - 1)
+        if joint_backward.enabled():  # what ds_seg3d's engine does: one walk over every sent tensor
+            torch.autograd.backward(outs, list(self.grad_layer[:len(outs)]))
+        else:  # DeepSpeed's own: one walk per tensor, the graph kept until the last
+            for i, (out, grad) in enumerate(zip(outs, self.grad_layer)):
+                out.backward(gradient=grad, retain_graph=i < len(outs) - 1)
         self.buffers["outputs"][buf] = None
 
     def _send_grad(self, buf: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,21 @@ class WindowPeak:
     method: str
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 inside the block: the CPU build of torch.profiler prints a ``USDT:`` line
+    from C++ at every start and stop, which would land between a progress bar's updates."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class PeakTracker:
     """Peak live tensor bytes of named windows: the GPU allocator's counters, or the profiler on CPU.
 
@@ -61,7 +77,8 @@ class PeakTracker:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.start()
+            with _quiet_stderr():
+                self._profiler.start()
         return self
 
     @contextlib.contextmanager
@@ -86,7 +103,8 @@ class PeakTracker:
     def stop(self) -> None:
         if self._profiler is None:
             return
-        self._profiler.stop()
+        with _quiet_stderr():
+            self._profiler.stop()
         events = list(self._profiler.profiler.kineto_results.events())
         self._profiler = None
         bounds = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name() in self._windows}

@@ -210,9 +210,20 @@ def run_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_deepspeed_quietly() -> None:
+    """DeepSpeed announces the accelerator it picked when first imported; the planner only borrows its
+    schedule and partition helpers, so that line stays out of the plan's output."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import deepspeed  # noqa: F401
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    _import_deepspeed_quietly()
     if args.shards is not None:
         return run_shards(args)
     args.micro_batches = args.micro_batches or [1, 2, 4, 8]
