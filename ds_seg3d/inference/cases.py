@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ds_seg3d.data.geometry import to_original_grid
 from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, load_image, preprocess_arrays
 from ds_seg3d.data.shard_format import CaseGeometry
 from ds_seg3d.evaluation.metrics import volumes_ml
+from ds_seg3d.inference import postprocess
 from ds_seg3d.models import MODEL_CONFIGS, build_layers
 from ds_seg3d.results import write_csv_atomic
 
@@ -39,6 +41,11 @@ MIRROR_AXES = {"unet3d": (0, 1, 2), "deep_cnn": (0, 1, 2), "cnn2d": (0, 1)}
 
 def mirror_axes(info: dict) -> tuple[int, ...]:
     return MIRROR_AXES.get(info["model"]["name"], (0, 1, 2))
+
+
+def keep_largest(info: dict) -> list[int]:
+    """The labels the run's final validation chose to reduce to their largest component (none before)."""
+    return sorted((info.get(postprocess.KEY) or {}).get("keep_largest", {}).values())
 
 
 def preprocess_options(info: dict) -> PreprocessOptions:
@@ -104,9 +111,11 @@ class InputCase:
         """The output's file name: the input's own, in the output folder."""
         return self.path.name
 
-    def finish(self, probs: torch.Tensor, out_dir: Path, labels: dict[str, int]) -> dict:
-        """Write the label map on the input grid; returns (and prints) the volumes row."""
-        label = to_input_grid(probs, self.geometry)
+    def finish(self, probs: torch.Tensor, out_dir: Path, labels: dict[str, int], keep_largest: Iterable[int] = ()
+               ) -> dict:
+        """Write the label map on the input grid, ``keep_largest`` labels reduced to their largest component
+        (the run's post-processing); returns (and prints) the volumes row."""
+        label = postprocess.apply(to_input_grid(probs, self.geometry), keep_largest)
         write_label(label, self.affine, self.header, out_dir / self.name)
         vols = volumes_ml(label, self.affine, labels)
         print(f"{self.name}: " + ", ".join(f"{k} {v:.1f} mL" for k, v in vols.items()), flush=True)

@@ -21,7 +21,14 @@ import torch
 
 from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.data.errors import DataError
-from ds_seg3d.inference.cases import InputCase, mirror_axes, model_from_run, preprocess_options, write_volumes
+from ds_seg3d.inference.cases import (
+    InputCase,
+    keep_largest,
+    mirror_axes,
+    model_from_run,
+    preprocess_options,
+    write_volumes,
+)
 from ds_seg3d.inference.sliding_window import sliding_window_inference
 from ds_seg3d.models.layers import build_sequential
 
@@ -64,7 +71,7 @@ def run_single(args: argparse.Namespace) -> int:
         probs = sliding_window_inference(case.image, roi, args.sw_batch, predictor, overlap=args.overlap,
                                          num_classes=len(labels), progress=True,
                                          mirror_axes=() if args.no_mirror else mirror_axes(info))
-        rows.append(case.finish(probs, out_dir, labels))
+        rows.append(case.finish(probs, out_dir, labels, keep_largest(info)))
     print(f"volumes: {write_volumes(rows, out_dir)}")
     return 0
 
@@ -104,7 +111,7 @@ def run_pipelined(args: argparse.Namespace) -> int:
     def volume(path: Path) -> Volume:
         case = InputCase.read(path, opts)
         return Volume(tuple(case.image.shape[1:]), lambda: case.image,
-                      lambda probs: rows.append(case.finish(probs, out_dir, labels)))
+                      lambda probs: rows.append(case.finish(probs, out_dir, labels, keep_largest(info))))
 
     predict_in_lockstep(engine, [volume(Path(p)) for p in args.inputs], dp_rank=topo.dp_rank_of(rank),
                         dp_size=topo.dp, roi=tuple(info["experiment"]["data"]["patch"]),

@@ -22,6 +22,7 @@ from ds_seg3d.config import PLANNED, ExperimentConfig, apply_plan, load_config
 from ds_seg3d.data.augment import AugmentConfig, NnUNetAugment
 from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
+from ds_seg3d.inference import postprocess
 from ds_seg3d.models import build_layers, check_patch
 from ds_seg3d.parallel import watchdog
 from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
@@ -66,6 +67,15 @@ def augmentation(cfg: ExperimentConfig) -> AugmentConfig | NnUNetAugment | None:
     if cfg.data.augment == "nnunet":
         return NnUNetAugment(cfg.data.patch, slices=cfg.model.name == "cnn2d")
     return AugmentConfig() if cfg.data.augment == "light" else None
+
+
+def record_postprocessing(run: Path, decision: dict) -> None:
+    """Add the post-processing decision to run.json (temp name, then rename), for ``predict``."""
+    info = json.loads((run / ckpt.RUN_INFO).read_text())
+    info[postprocess.KEY] = decision
+    tmp = run / (ckpt.RUN_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(run / ckpt.RUN_INFO)
 
 
 def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology,
@@ -201,12 +211,15 @@ def run(args: argparse.Namespace):
         if log and (step % cfg.train.log_every == 0 or last or step == start + 1):
             log.write("train", step, loss=loss, lr=engine.get_lr()[0], **adv_metrics)
         if val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
-            dice = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp, roi=cfg.data.patch,
-                            micro_batch=topo.micro_batch, overlap=cfg.train.val_overlap, on_progress=dog.pet)
+            dice, largest = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp,
+                                     roi=cfg.data.patch, micro_batch=topo.micro_batch,
+                                     overlap=cfg.train.val_overlap, on_progress=dog.pet)
             dog.pet()
             if log:
-                log.write("val", step, dice=dice)
+                log.write("val", step, dice=dice, dice_largest_component=largest)
                 bar.write(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+            if last and rank == 0:  # nnU-Net's post-processing, decided on the final validation
+                record_postprocessing(run, postprocess.decide(dice, largest, reader.labels))
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             save(engine, run, step, sampler, adv)
             dog.pet()
