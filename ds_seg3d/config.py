@@ -152,10 +152,24 @@ class AdversarialConfig:
     """Strided conv blocks of the discriminator."""
     patch_wise: bool = True
     """Patch-wise real/fake logits (PatchGAN) instead of one global logit per patch."""
+    ramp_steps: int = 0
+    """After the warm-up, the term's weight rises linearly from 0 to ``weight`` over this many steps
+    (0: at once)."""
+    label_smoothing: float = 0.0
+    """One-sided label smoothing: the discriminator's target for real pairs is 1 - this (0: none)."""
+    gradient_penalty: float = 0.0
+    """gamma of an R1 penalty, gamma / 2 x the squared gradient of the discriminator's output on real
+    pairs with respect to the segmentation it judges (0: none)."""
+    discriminator_lr: float = 0.0
+    """The discriminator's learning rate, replacing its DeepSpeed JSON's (0: the JSON's)."""
 
     def validate(self) -> None:
         if self.weight < 0:
             raise ValueError(f"adversarial.weight must be >= 0, got {self.weight}")
+        if self.ramp_steps < 0 or self.gradient_penalty < 0 or self.discriminator_lr < 0:
+            raise ValueError("adversarial.ramp_steps, gradient_penalty and discriminator_lr must be >= 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"adversarial.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.warmup_steps < 0:
             raise ValueError(f"adversarial.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.width < 1 or self.depth < 1:

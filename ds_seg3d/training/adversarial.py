@@ -11,6 +11,7 @@ change the weights that the segmenter's pending backward passes use.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterator
 
 import torch
@@ -46,11 +47,12 @@ class AdversarialLoss:
     """
 
     def __init__(self, seg_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
-                 weight: float, warmup_steps: int):
+                 weight: float, warmup_steps: int, ramp_steps: int = 0):
         self.seg_loss = seg_loss
         self.num_classes = num_classes
         self.weight = weight
         self.warmup_steps = warmup_steps
+        self.ramp_steps = ramp_steps
         self.discriminator: nn.Module | None = None
         self.step = 0
         self.stash: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -59,6 +61,13 @@ class AdversarialLoss:
     @property
     def active(self) -> bool:
         return self.weight > 0 and self.step > self.warmup_steps and self.discriminator is not None
+
+    @property
+    def current_weight(self) -> float:
+        """``weight``, reached linearly over ``ramp_steps`` steps after the warm-up."""
+        if not self.ramp_steps:
+            return self.weight
+        return self.weight * min(1.0, (self.step - self.warmup_steps) / self.ramp_steps)
 
     def __call__(self, outputs: torch.Tensor | tuple[torch.Tensor, ...],
                  target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -74,7 +83,7 @@ class AdversarialLoss:
             # Non-saturating generator loss: -log D(image, prediction).
             adv = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)).to(loss.device)
             self.adv_terms.append(float(adv.detach()))
-            loss = loss + self.weight * adv
+            loss = loss + self.current_weight * adv
         return loss
 
     def take_stash(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -83,20 +92,28 @@ class AdversarialLoss:
 
 
 def discriminator_step(engine, stash: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                       num_classes: int) -> dict[str, float]:
+                       num_classes: int, label_smoothing: float = 0.0, gradient_penalty: float = 0.0
+                       ) -> dict[str, float]:
     """One optimizer step of the discriminator engine over the stashed micro-batches.
 
     The engine's gradient accumulation equals the segmenter's micro-batches per step, so DeepSpeed's
-    ``step()`` applies the update on the last one. Returns the loss and the accuracies on real and fake.
+    ``step()`` applies the update on the last one. Real pairs are scored against ``1 - label_smoothing``;
+    ``gradient_penalty`` adds R1 (gamma / 2 x the squared gradient of the real logits with respect to the
+    real segmentation). Returns the loss and the accuracies on real and fake.
     """
     device = next(engine.module.parameters()).device
     losses, real_ok, fake_ok, count = 0.0, 0.0, 0.0, 0
     for images, probs, labels in stash:
         images, probs = images.to(device), probs.to(device)
-        real_logits = engine(images, one_hot_labels(labels.to(device), num_classes))
+        real_seg = one_hot_labels(labels.to(device), num_classes).requires_grad_(gradient_penalty > 0)
+        real_logits = engine(images, real_seg)
         fake_logits = engine(images, probs)
-        loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+        loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits,
+                                                         torch.full_like(real_logits, 1.0 - label_smoothing))
                       + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        if gradient_penalty > 0:
+            grad, = torch.autograd.grad(real_logits.sum(), real_seg, create_graph=True)
+            loss = loss + 0.5 * gradient_penalty * grad.pow(2).flatten(1).sum(1).mean()
         engine.backward(loss)
         engine.step()
         losses += float(loss.detach())
@@ -115,6 +132,20 @@ def with_images_for_last_stage(batches: Iterator[tuple[torch.Tensor, torch.Tenso
         yield images, (labels, images)
 
 
+def with_lr(ds_cfg: dict, lr: float) -> dict:
+    """A copy of the discriminator's DeepSpeed config with its optimizer's (and a constant schedule's) rate
+    set to ``lr``; unchanged for 0."""
+    if not lr:
+        return ds_cfg
+    cfg = copy.deepcopy(ds_cfg)
+    cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
+    sched = (cfg.get("scheduler") or {}).get("params", {})
+    for key in ("warmup_min_lr", "warmup_max_lr"):
+        if key in sched:
+            sched[key] = lr
+    return cfg
+
+
 class AdversarialTraining:
     """Everything adversarial mode adds to the loop: the loss, the discriminator engine, its step,
     its metrics (all-reduced so that rank 0 can log them) and its checkpoints."""
@@ -124,7 +155,7 @@ class AdversarialTraining:
     def __init__(self, seg_loss, num_classes: int, cfg):
         self.cfg = cfg
         self.num_classes = num_classes
-        self.loss = AdversarialLoss(seg_loss, num_classes, cfg.weight, cfg.warmup_steps)
+        self.loss = AdversarialLoss(seg_loss, num_classes, cfg.weight, cfg.warmup_steps, cfg.ramp_steps)
         self.engine = None
 
     def attach(self, ds_cfg: dict, topology, rank: int, seed: int, device: str | None = None) -> None:
@@ -133,7 +164,8 @@ class AdversarialTraining:
         model = Discriminator3D(DiscriminatorConfig(in_channels=1, num_classes=self.num_classes,
                                                     width=self.cfg.width, depth=self.cfg.depth,
                                                     patch_wise=self.cfg.patch_wise))
-        self.engine = build_discriminator_engine(model, ds_cfg, topology, rank, device=device)
+        self.engine = build_discriminator_engine(model, with_lr(ds_cfg, self.cfg.discriminator_lr), topology, rank,
+                                                 device=device)
         self.loss.discriminator = self.engine.module if self.engine is not None else None
 
     def after_batch(self, step: int) -> dict[str, float]:
@@ -141,7 +173,8 @@ class AdversarialTraining:
         stash = self.loss.take_stash()
         values = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64)
         if self.engine is not None:
-            m = discriminator_step(self.engine, stash, self.num_classes)
+            m = discriminator_step(self.engine, stash, self.num_classes, self.cfg.label_smoothing,
+                                   self.cfg.gradient_penalty)
             adv = self.loss.adv_terms
             m["adv_term"] = sum(adv) / len(adv) if adv else 0.0
             values[:-1] = torch.tensor([m[k] for k in self.METRICS], dtype=torch.float64)

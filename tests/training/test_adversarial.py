@@ -94,3 +94,4 @@ def test_frozen_discriminator_takes_no_generator_gradient() -> None:
     assert len(loss_fn.take_stash()) == 1 and loss_fn.stash == []
     with frozen(d):
         assert not any(p.requires_grad for p in d.parameters())
+
