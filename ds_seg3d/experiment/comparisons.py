@@ -26,19 +26,19 @@ PSOAS_ADVERSARIAL = Comparison(
                              "PatchGAN discriminator after a warm-up of a third of the steps", _adversarial)),
     question=(
         "Does adversarial training help a 3D CNN find the psoas among iso-dense muscles? (A report found psoas "
-        "Dice 0.863 -> 0.918 with a 3D CNN.) Both arms train the same 3D U-Net from "
-        "`experiments/psoas_adversarial.toml` on the same phantom shards with the same seeds, patches and "
-        "DeepSpeed config; the adversarial arm adds `--adversarial --adversarial_weight "
-        f"{PSOAS_ADVERSARIAL_WEIGHT}` (the project default) and a warm-up of a third of the steps. Both were fixed before running, not tuned; each arm is scored "
-        "with its final weights on the test split, which nothing else looks at. The defaults are sized "
-        "to fit about 30 minutes on 2 CPU cores (the timings below were measured)."),
-    caveat=("One seed, a few test phantoms and a short CPU budget: a difference within the case-to-case spread "
+        "Dice 0.863 -> 0.918 with a 3D CNN.) Both arms train the shards' planned 3D U-Net (nnU-Net's topology, "
+        "deep supervision and augmentation; `experiments/psoas_adversarial.toml`) on the same phantom shards with "
+        "the same seeds, patch, steps and DeepSpeed config; the adversarial arm adds `--adversarial "
+        f"--adversarial_weight {PSOAS_ADVERSARIAL_WEIGHT}` (the project default) and a warm-up of a third of the "
+        "steps. Both were fixed before running, not tuned; each arm is scored with its final weights on the "
+        "test split, which nothing else looks at. Each seed draws its own phantoms, split and training."),
+    caveat=("A few test phantoms per seed and a short CPU budget: a difference within the seed-to-seed spread "
             "says nothing either way, and phantoms are not the report's CT scans."),
     scale_up=(
         "The same command with GPU settings (launched from the folder holding `.deepspeed_env`, if any):\n\n"
         "```\nds-seg3d experiment psoas-adversarial --out /scratch/psoas-adversarial --cases 200 \\\n"
         "    --steps 5000 --ranks 8 --stages 4 --seeds 0 1 2 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
-        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16_sgd.json \\\n"
+        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \\\n"
         "    --discriminator-config ds_configs/discriminator_gpu_bf16.json --plan-budget-gb 40 --plan-base-width 32\n"
         "```\n\n"
         "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); the shards' 3D U-Net "
@@ -74,21 +74,23 @@ KIDNEY_3D_VS_2D = Comparison(
     defaults=Settings(steps=500),
     target=kidney_target,
     question=(
-        "Does a 3D CNN segment polycystic kidneys better than a 2D CNN of comparable capacity? (A report found "
-        "Dice 0.852 with a 2D CNN and 0.950 with a 25-layer 3D CNN, and volume errors under 5 %.) Both arms "
-        "train on the same phantom shards with the same seeds, the same patch (one 3D block for the 3D network, the "
-        "same block as a stack of axial slices for the 2D network), the same steps, number of pipeline stages (each "
-        "network split by the memory partition) and DeepSpeed config; the 2D network sees each slice alone (its convolutions and normalisation never cross "
-        "slices) and predicts the volume slice by slice through the same `predict` path. Widths were fixed "
-        "before running so that both networks have about the same number of weights; nothing was tuned on "
-        "the test split. The defaults are sized to fit about 30 minutes on 2 CPU cores."),
-    caveat=("One seed, a few test phantoms and a short CPU budget; phantoms are not the report's CT scans, "
-            "and a network this small and this briefly trained says little about the ceiling of either design."),
+        "Does a 3D CNN segment polycystic kidneys better than a 2D CNN? (A report found Dice 0.852 with a 2D CNN "
+        "and 0.950 with a 25-layer 3D CNN, and volume errors under 5 %.) Each arm is the network nnU-Net's rules "
+        "configure from the same shards (`ds-seg3d plan`): the 3D U-Net (per-axis pooling and kernels from the "
+        "1.2 x 1.2 x 3.0 mm spacing) and the slice-wise 2D U-Net (in-plane pooling, widths capped at 16 x the "
+        "base, as many slices per sample as give the 3D patch's voxels), both sized for the same memory of 2 "
+        "pipeline stages, and both trained with the same recipe: steps, seeds, deep supervision, nnU-Net's "
+        "augmentation, foreground oversampling 0.33, DeepSpeed config, test-time mirroring. The 2D network sees "
+        "each slice alone (its convolutions and normalisation never cross slices). Nothing was tuned on the "
+        "test split; each seed draws its own phantoms, split and training."),
+    caveat=("Phantoms, a few test cases per seed and a short CPU budget; phantoms are not the report's CT "
+            "scans, and networks this narrow and this briefly trained say little about the ceiling of either "
+            "design."),
     scale_up=(
         "The same comparison with GPU settings (launched from the folder holding `.deepspeed_env`, if any):\n\n"
         "```\nds-seg3d experiment kidney-3d-vs-2d --out /scratch/kidney-3d-vs-2d --cases 200 \\\n"
         "    --steps 5000 --ranks 8 --stages 4 --seeds 0 1 2 --hostfile hostfile --phantom-shape 192 192 96 \\\n"
-        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16_sgd.json --plan-budget-gb 40 --plan-base-width 32\n"
+        "    --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json --plan-budget-gb 40 --plan-base-width 32\n"
         "```\n\n"
         "The hostfile's slots give the ranks (4 stages on 8 GPUs: 2 data-parallel replicas); both networks are "
         "planned for 40 GB per GPU over the 4 stages with nnU-Net's widths (32, capped at 320 in 3D and 512 in "
@@ -124,7 +126,7 @@ REAL_CT = Comparison(
         "TotalSegmentator, not accuracy. One scan gives no held-out case, so it is cut into its right half and "
         "its mirrored left half; the networks train on one half and are scored on the other, whose kidney "
         "and psoas they never saw (a left-right mirror of anatomy, not a new patient)."),
-    caveat=("One scan, one training half, one seed: a sanity check that the whole path runs on real CT and "
+    caveat=("One scan, one training half: a sanity check that the whole path runs on real CT and "
             "learns from it, not an estimate of accuracy on new patients; the psoas here is only its upper "
             "part (about 10 mL per side in this upper-abdomen field of view)."),
     scale_up=(
@@ -135,7 +137,7 @@ REAL_CT = Comparison(
         "ds-seg3d plan /scratch/shards --budget-gb 40 --ranks 8 --stages 4\n"
         "deepspeed --hostfile hostfile --module ds_seg3d.train --data /scratch/shards --out /scratch/run \\\n"
         "    --config experiments/realct_3d.toml --stages 4 --steps 20000 \\\n"
-        "    --deepspeed_config ds_configs/pipeline_zero1_gpu_bf16_sgd.json\n```"),
+        "    --deepspeed_config ds_configs/pipeline_zero1_gpu_bf16.json\n```"),
 )
 
 ADAM_CONFIG, SGD_CONFIG = "ds_configs/pipeline_zero1_cpu_fp32.json", "ds_configs/pipeline_zero1_cpu_fp32_sgd.json"
