@@ -60,9 +60,10 @@ def limits(rows: list[dict], budget: int) -> list[str]:
         f32 = max(fp32, key=lambda r: abs(number(r, "error_pct")), default=None)
         fp32_text = f"; in fp32 {float(f32['error_pct']):+.1f} % ({f32['config']}, rank {f32['rank']})" if f32 else ""
         out.append(f"- **Accuracy.** Largest error {float(worst['error_pct']):+.1f} % ({worst['config']}, rank "
-                   f"{worst['rank']}){fp32_text}. The planner replays each stage's DeepSpeed schedule on slabs of the patch "
-                   f"(full X, Y; Z of one and two steps of the network in fp32, two and three in bf16) and extrapolates "
-                   f"linearly in Z; fp32 kernels are exactly linear there. Two things move a measured peak by a few "
+                   f"{worst['rank']}){fp32_text}. The planner traces each stage's DeepSpeed schedule on the meta device at the "
+                   f"full patch (every tensor the ops allocate) and adds each kernel's workspace, measured once per "
+                   f"network on slabs of the patch (full X, Y; Z of one and two steps of the network in fp32, two "
+                   f"and three in bf16) and extrapolated linearly in Z; fp32 kernels are exactly linear there. Two things move a measured peak by a few "
                    f"MiB from run to run: whether the previous "
                    f"step's ZeRO bucket is still referenced when the next step peaks, and where in the backward pass "
                    f"the peak falls.")
@@ -70,8 +71,8 @@ def limits(rows: list[dict], budget: int) -> list[str]:
     if bf:
         e = max(abs(number(r, "error_pct")) for r in bf)
         out.append(f"- **bf16 on this CPU** (largest error {e:.1f} %): oneDNN's bf16 kernels grow faster than "
-                   f"linearly in Z at small Z, so bf16 stages are calibrated on slabs of two and three Z steps, where "
-                   f"the line is closer to the full patch; the remaining shortfall is that curvature.")
+                   f"linearly in Z at small Z, so bf16 kernel workspaces are measured on slabs of two and three Z steps, "
+                   f"where the line is closer to the full patch; the remaining error is that curvature.")
     for e in all_partition_balance(rows):
         pts = [r for r in by_config([r for r in rows if r.get("group") == "scaling" and r["model"] == e["model"]
                                      and r["params"] == e["params"] and str(r["stages"]) == str(e["p"])

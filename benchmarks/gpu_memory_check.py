@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from ds_seg3d.memory.calibration import StageKey, replay_peak  # noqa: E402
+from ds_seg3d.memory.replay import StageKey, replay_peak  # noqa: E402
 from ds_seg3d.memory.prediction import MemoryModel, z_step  # noqa: E402
 from ds_seg3d.memory.spec import RunSpec  # noqa: E402
 from ds_seg3d.memory.sweep import launch  # noqa: E402

@@ -72,7 +72,7 @@ class PeakTracker:
         self._results: dict[str, WindowPeak] = {}
         self._windows: list[str] = []
 
-    def start(self) -> "PeakTracker":
+    def start(self) -> PeakTracker:
         if not self.cuda:
             from torch.profiler import ProfilerActivity, profile
 

@@ -4,8 +4,9 @@ With a shard folder (``ds-seg3d plan SHARDS --budget-gb GB --ranks N``) it plans
 instead, nnU-Net's way, sized for the memory of the whole pipeline, and writes ``SHARDS/plans.json``
 (``ds_seg3d.memory.sizing``). Without one:
 
-Every candidate layout of ``--ranks`` ranks is predicted by ``MemoryModel`` (calibrated on short
-passes over thin slabs of the patch, never at full size) and kept if every rank fits the budget.
+Every candidate layout of ``--ranks`` ranks is predicted by ``MemoryModel`` (DeepSpeed's schedule for
+each stage traced on the meta device at the full patch, with kernel workspaces measured once on thin
+slabs; nothing runs at full size) and kept if every rank fits the budget.
 The survivors are ranked by expected throughput: the 1F1B bubble leaves ``(p - 1) / (m + p - 1)``
 of a step idle, and activation checkpointing repeats the forward pass (taken as a third of
 forward + backward). Ties go to the smaller peak.
@@ -73,17 +74,14 @@ def candidates(base: RunSpec, stages: list[int], micro_batches: list[int], check
     return out
 
 
-def plan(base: RunSpec, budget: int, stages: list[int], micro_batches: list[int], checkpoints: list[int],
-         partitions: list[str], zeros: list[int], device: str = "cpu") -> tuple[list[Candidate], list[Candidate]]:
-    """(fitting candidates best first, the ones that do not fit)."""
+def plan(model: Any, budget: int, stages: list[int], micro_batches: list[int], checkpoints: list[int],
+         partitions: list[str], zeros: list[int]) -> tuple[list[Candidate], list[Candidate]]:
+    """(fitting candidates best first, the ones that do not fit) of ``model``'s (a ``MemoryModel``) network."""
     from tqdm import tqdm
 
-    from ds_seg3d.memory.prediction import MemoryModel
-
-    model = MemoryModel(base, device)
     fit, over = [], []
-    specs = candidates(base, stages, micro_batches, checkpoints, partitions, zeros)
-    for spec in tqdm(specs, desc="calibrating", unit="layout", file=sys.stderr):
+    specs = candidates(model.base, stages, micro_batches, checkpoints, partitions, zeros)
+    for spec in tqdm(specs, desc="predicting", unit="layout", file=sys.stderr):
         cand = Candidate(spec, model.predict(spec))
         (fit if cand.prediction.max_peak <= budget else over).append(cand)
     fit.sort(key=lambda c: (-c.throughput, c.prediction.max_peak))
@@ -237,15 +235,14 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = int(args.budget_gb * GIB)
     stages = args.stages or [d for d in range(1, args.ranks + 1) if args.ranks % d == 0]
-    fit, over = plan(base, budget, stages, args.micro_batches, args.checkpoint, args.partitions, args.zero, device)
-    from ds_seg3d.memory.calibration import StageCalibrator
+    from ds_seg3d.memory.prediction import MemoryModel
 
-    slabs = StageCalibrator(base.layer_defs(), base.sample_shape, _z_step(base), base.dtype, base.classes).slabs
-    x, y = base.patch[:2]
+    model = MemoryModel(base, device)
+    fit, over = plan(model, budget, stages, args.micro_batches, args.checkpoint, args.partitions, args.zero)
     print(f"{base.model} {json.dumps(dict(base.params))}, patch {'x'.join(map(str, base.patch))}, "
           f"micro-batch {base.micro_batch}, {base.precision}, {base.ranks} ranks, budget {args.budget_gb:g} GiB, "
           f"ZeRO bucket {base.bucket_elements:,} elements")
-    print(f"calibrated on {device}, slabs {', '.join(f'{x}x{y}x{z}' for z in slabs)} (never at full size); "
+    print(f"on {device}: {model.calibrator.method} ({model.calibrator.replays} stage replays); "
           f"{len(fit)} of {len(fit) + len(over)} layouts fit, best first.")
     print(LEGEND + "\n")
     for i, cand in enumerate(fit[: args.top], 1):
@@ -262,9 +259,3 @@ def run(args: argparse.Namespace) -> int:
               "set zero_optimization.reduce_bucket_size to about the largest stage's parameter count "
               f"({max(st.param_count for st in best.stages):,}) to free it")
     return 0
-
-
-def _z_step(spec: RunSpec) -> int:
-    from ds_seg3d.memory.prediction import z_step
-
-    return z_step(spec)

@@ -45,7 +45,7 @@ class MicroBatches:
         self.spec, self.device = spec, device
         self.gen = torch.Generator().manual_seed(SEED)
 
-    def __iter__(self) -> "MicroBatches":
+    def __iter__(self) -> MicroBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_seg3d.memory.calibration import StageCalibrator, StageKey
+from ds_seg3d.memory.calibration import StageCalibrator
 from ds_seg3d.memory.measurement import PeakTracker
+from ds_seg3d.memory.replay import StageKey
 from ds_seg3d.memory.spec import RunSpec
 from ds_seg3d.models import CNN2DConfig, DeepCNNConfig, UNet3DConfig, count_parameters
 from ds_seg3d.parallel.partition import LayerProfile, check_boundaries, minimax_split, profile_partition, stage_profile
@@ -142,8 +143,9 @@ def z_step(spec: RunSpec) -> int:
 class MemoryModel:
     """Predicts every stage's peak for specs that share a network, X, Y, micro-batch and precision.
 
-    Calibration (a few short passes on slabs of the patch) runs once per stage layout and is
-    reused across Z, stage counts, micro-batches and ZeRO stages.
+    Calibration (``StageCalibrator``: kernel workspaces measured once on two slabs, then every stage
+    traced at the full patch on a CPU, or replayed on slabs on a GPU) is shared by every Z, stage
+    count, micro-batch count and ZeRO stage asked of it.
     """
 
     def __init__(self, spec: RunSpec, device: str | torch.device = "cpu") -> None:
@@ -221,7 +223,7 @@ class MemoryModel:
         n = 1 if spec.plain else in_flight(stage, spec.stages, spec.micro_batches)
         key = StageKey(start, stop, spec.stages, stage, spec.micro_batches, spec.checkpoint, spec.plain,
                        spec.plain and spec.zero == 3)
-        peak_act, rest = self.calibrator(key).at(spec.patch[-1])
+        peak_act, rest = self.calibrator(key, spec.patch[-1])
         per_micro = profile[start].input_bytes + sum(p.saved_bytes for p in profile[start:stop])
         held = n * (self._checkpoint_boundaries(profile, start, stop, spec.checkpoint)
                     if spec.checkpoint else per_micro)
@@ -264,14 +266,14 @@ class MemoryModel:
 def best_split(model: MemoryModel, spec: RunSpec, max_stage_keys: int = 80) -> tuple[list[int], int, bool]:
     """(boundaries, largest stage peak, exact) of the split that minimises the planner's largest peak.
 
-    Exact when at most ``max_stage_keys`` distinct stages need calibrating (each is a replay on two
-    slabs); otherwise a lower bound no split can beat: the cheapest first stage and the cheapest
+    Exact when at most ``max_stage_keys`` distinct stages need calibrating (each is a replay of the
+    stage); otherwise a lower bound no split can beat: the cheapest first stage and the cheapest
     last stage, each on its own (boundaries then name the cheapest last stage's start).
     """
     n, p = len(model.defs), spec.stages
     keys = sum(1 for s in range(p) for a in range(s, n) for b in range(a + 1, n + 1)
                if (s == 0) == (a == 0) and (s == p - 1) == (b == n) and b - a <= n - p + 1)
-    peak = lambda s, a, b: model.predict_stage(spec, a, b, s).peak  # noqa: E731
+    peak = lambda s, a, b: model.predict_stage(spec, a, b, s).peak
     if p == 1:
         return [0, n], peak(0, 0, n), True
     if keys <= max_stage_keys:

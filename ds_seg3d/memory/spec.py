@@ -69,7 +69,7 @@ class RunSpec:
         object.__setattr__(self, "params", tuple(sorted((str(k), _hashable(v)) for k, v in dict(self.params).items())))
         self.validate()
 
-    def validate(self) -> "RunSpec":
+    def validate(self) -> RunSpec:
         """Raise one-line ``ValueError`` naming the field to change."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -123,7 +123,7 @@ class RunSpec:
     def layer_defs(self) -> list[LayerDef]:
         return build_layers(self.model, self.model_config())
 
-    def with_(self, **changes: Any) -> "RunSpec":
+    def with_(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
 
     def label(self) -> str:
@@ -173,7 +173,7 @@ class RunSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -186,7 +186,7 @@ class RunSpec:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunSpec":
+    def from_json(cls, text: str) -> RunSpec:
         return cls.from_dict(json.loads(text))
 
 

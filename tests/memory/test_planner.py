@@ -59,7 +59,7 @@ def test_plan_prints_fitting_layouts_best_first(capsys):
     assert all(r["peak_gib"] <= r["budget_gib"] for r in layouts)
     for column in ("in-flight", "held", "pipe buf", "working", "params", "grads", "optim", "buckets", "peak"):
         assert column in out
-    assert "slabs 32x32x2, 32x32x4 (never at full size)" in out
+    assert "stages traced on the meta device at the full patch, kernel workspaces measured on 32x32x2, 32x32x4" in out
 
 
 def test_plan_keeps_only_what_fits_and_says_when_nothing_does(capsys):
