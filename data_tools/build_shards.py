@@ -31,7 +31,7 @@ from data_tools.cases import case_statistics, load_case
 from data_tools.layouts import CaseSpec, LabelMap, SourceDataset, detect_layout, parse_label_map
 from data_tools.splits import make_splits
 from ds_seg3d.data.errors import DataError
-from ds_seg3d.data.geometry import voxel_spacing
+from ds_seg3d.data.geometry import component_count, voxel_spacing
 from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, foreground_intensities, preprocess_arrays
 from ds_seg3d.data.shard_format import (
     CODECS,
@@ -105,7 +105,8 @@ def case_seed(seed: int, case_id: str) -> int:
 
 
 def _measure(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[str, Any]:
-    """Worker of the first pass: a case's fingerprint (RAS spacing and shape, foreground intensities)."""
+    """Worker of the first pass: a case's fingerprint (RAS spacing and shape, foreground intensities, each
+    label's connected components)."""
     spec, label_map, opts, seed = job
     try:
         image, label, affine = load_case(spec, label_map, opts)
@@ -116,7 +117,8 @@ def _measure(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[st
     spacing, shape = [0.0] * 3, [0] * 3
     for axis, world in enumerate(order):
         spacing[world], shape[world] = float(voxel_spacing(affine)[axis]), int(image.shape[axis])
-    return "ok", (spacing, shape, foreground_intensities(image, label, INTENSITY_SAMPLES, seed))
+    components = {name: component_count(label == value) for name, value in label_map.foreground.items()}
+    return "ok", (spacing, shape, foreground_intensities(image, label, INTENSITY_SAMPLES, seed), components)
 
 
 def _prepare(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[str, Any]:
@@ -239,24 +241,28 @@ def _fingerprint_cases(splits: dict[str, Any], ids: Sequence[str]) -> list[str]:
 
 def dataset_fingerprint(cases: Sequence[CaseSpec], label_map: LabelMap, opts: PreprocessOptions, seed: int,
                         workers: int) -> dict[str, Any]:
-    """Spacings and shapes (RAS, source grids) and foreground intensity statistics of ``cases``."""
+    """Spacings and shapes (RAS, source grids), foreground intensity statistics and the median number of
+    connected components per label (``ds_seg3d.inference.postprocess``) of ``cases``."""
     jobs = [(c, label_map, opts, case_seed(seed, c.case_id)) for c in cases]
-    spacings, shapes, samples = {}, {}, []
+    spacings, shapes, samples, components = {}, {}, [], []
     results = _ordered_map(_measure, jobs, workers)
     try:
         for spec, (status, payload) in tqdm(zip(cases, results), total=len(cases), desc="fingerprint",
                                             unit="case", disable=None):
             if status == "error":
                 raise DataError(*payload)
-            spacings[spec.case_id], shapes[spec.case_id], values = payload
+            spacings[spec.case_id], shapes[spec.case_id], values, counts = payload
             samples.append(values)
+            components.append(counts)
     finally:
         results.close()  # type: ignore[attr-defined]
     intensity = IntensityProperties.of(np.concatenate(samples))
     return {"cases": [c.case_id for c in cases], "spacings": spacings, "shapes": shapes,
             "median_spacing": [float(v) for v in np.median(list(spacings.values()), axis=0)],
             "median_shape": [float(v) for v in np.median(list(shapes.values()), axis=0)],
-            "foreground_intensity": intensity.to_json(), "samples_per_case": INTENSITY_SAMPLES}
+            "foreground_intensity": intensity.to_json(), "samples_per_case": INTENSITY_SAMPLES,
+            "components": {name: int(np.round(np.median([c[name] for c in components])))
+                           for name in label_map.foreground}}
 
 
 def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str | None = None,

@@ -1,6 +1,7 @@
 """The named comparisons of ``ds-seg3d experiment``: one entry each in ``COMPARISONS``."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,37 @@ PSOAS_ADVERSARIAL = Comparison(
 )
 
 
+def _adversarial_variant(*sets: str) -> Callable[[Settings], list[str]]:
+    return lambda s: [*_adversarial(s), *[x for item in sets for x in ("--set", item.format(third=s.steps // 3))]]
+
+
+PSOAS_ADVERSARIAL_VARIANTS = Comparison(
+    name="psoas-adversarial-variants", heading="## Phantom psoas: what the adversarial term needs",
+    task="psoas", labels="psoas=1", config="experiments/psoas_adversarial.toml", spacing=(1.2, 1.2, 3.0),
+    val_fraction=0.1, test_fraction=0.3,
+    arms=(Arm("baseline", "Dice + cross-entropy"),
+          Arm("adversarial", "+ the adversarial term as in `psoas-adversarial`", _adversarial),
+          Arm("steadied", "+ the term with one-sided label smoothing 0.1 and its weight ramped up over a third "
+                          "of the steps", _adversarial_variant("adversarial.label_smoothing=0.1",
+                                                               "adversarial.ramp_steps={third}")),
+          Arm("r1", "+ the term with an R1 gradient penalty (gamma 1) on the discriminator",
+              _adversarial_variant("adversarial.gradient_penalty=1.0")),
+          Arm("slow-d", "+ the term with the discriminator's learning rate a tenth of its JSON's (2e-5)",
+              _adversarial_variant("adversarial.discriminator_lr=2e-5"))),
+    question=(
+        "When the adversarial term lowers psoas Dice, is it the discriminator winning too easily (near 100 % "
+        "accuracy on the segmenter's maps, so its gradient says little about shape)? Each arm adds one of the "
+        "usual remedies to the `psoas-adversarial` set-up: one-sided label smoothing with a ramped weight, an R1 "
+        "gradient penalty, a slower discriminator. All arms train the shards' planned 3D U-Net on the same "
+        "phantom shards with the same seeds, steps and DeepSpeed configs; the remedies' sizes are the common "
+        "defaults, fixed before running. The discriminator's accuracies at the end of training (d_acc_real, "
+        "d_acc_fake) are listed per arm."),
+    caveat=("Few test phantoms per seed and a short CPU budget: differences within the seed-to-seed spread say "
+            "nothing either way."),
+    scale_up=("The same command with the GPU settings of `psoas-adversarial` (its section above)."),
+)
+
+
 def kidney_target(rows: list[dict]) -> str:
     """The report's clinical target for the 3D network: Dice >= 0.95 and |volume error| < 5 % on >= 95 % of cases."""
     mine = [r for r in rows if r["arm"] == "3d"]
@@ -68,9 +100,8 @@ KIDNEY_3D_VS_2D = Comparison(
     name="kidney-3d-vs-2d", heading="## Phantom polycystic kidneys: 3D pipelined CNN vs 2D CNN", task="kidney",
     labels="kidney=1", config="experiments/kidney_demo.toml", spacing=(1.2, 1.2, 3.0), val_fraction=0.1,
     test_fraction=0.3,
-    arms=(Arm("2d", "2D U-Net on axial slices (`cnn2d`), widths matched to the 3D network's parameter count",
-              config="experiments/kidney_2d.toml"),
-          Arm("3d", "3D U-Net (`unet3d`), the demo's network")),
+    arms=(Arm("2d", "the shards' planned 2D U-Net on axial slices (`cnn2d`)", config="experiments/kidney_2d.toml"),
+          Arm("3d", "the shards' planned 3D U-Net (`unet3d`), the demo's network")),
     defaults=Settings(steps=500),
     target=kidney_target,
     question=(
@@ -111,11 +142,12 @@ REAL_CT = Comparison(
     name="real-ct", heading="## Real CT: agreement with TotalSegmentator's kidney and psoas labels", task="real CT",
     labels="kidney=1,psoas=2", config="experiments/realct_3d.toml", spacing=(3.0, 3.0, 3.0), val_fraction=0.0,
     test_fraction=0.5,
-    arms=(Arm("2d", "2D U-Net on axial slices (`cnn2d`)", config="experiments/realct_2d.toml"),
-          Arm("3d", "3D U-Net (`unet3d`)")),
+    arms=(Arm("2d", "the shards' planned 2D U-Net on axial slices (`cnn2d`)", config="experiments/realct_2d.toml"),
+          Arm("3d", "the shards' planned 3D U-Net (`unet3d`)")),
     defaults=Settings(steps=900),
     data=real_ct_data,
     phantoms=False,
+    reframe=(2.0, 0.3),
     data_text=lambda c, s, splits: (
         "the real abdominal CT of `ds_seg3d/sample_data/totalseg_small` (122 x 101 x 30 voxels at 3 mm; see its NOTICE) cut "
         "at the middle of the left-right axis into its right half and its mirrored left half "
@@ -162,4 +194,5 @@ KIDNEY_OPTIMIZER = Comparison(
               "`pipeline_zero1_gpu_bf16_sgd.json`); the same command with `--deepspeed-config` set to either."),
 )
 
-COMPARISONS: dict[str, Comparison] = {c.name: c for c in (PSOAS_ADVERSARIAL, KIDNEY_3D_VS_2D, REAL_CT, KIDNEY_OPTIMIZER)}
+COMPARISONS: dict[str, Comparison] = {c.name: c for c in (
+    PSOAS_ADVERSARIAL, KIDNEY_3D_VS_2D, REAL_CT, KIDNEY_OPTIMIZER, PSOAS_ADVERSARIAL_VARIANTS)}

@@ -106,6 +106,34 @@ def _params(params: dict) -> str:
     return json.dumps(shown)
 
 
+def postprocessing_text(decision: dict | None) -> str:
+    """The final validation's verdict on keeping each label's largest components, as a clause."""
+    if not decision:
+        return ""
+    counts = decision.get("components", {})
+    kept = decision.get("keep_largest", {})
+    both = ", ".join(f"{name} {decision['validation_dice'][name]:.3f} -> "
+                     f"{decision['validation_dice_largest_component'][name]:.3f}"
+                     for name in decision.get("validation_dice", {}))
+    verdict = ("applied to " + ", ".join(kept)) if kept else "not applied"
+    sizes = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return (f"; largest-components post-processing ({sizes or '1'} per label, as in the training labels) {verdict} "
+            f"(validation Dice {both})")
+
+
+def reframe_text(c: Comparison, arms: list[dict]) -> str:
+    """The sentence on predictions of the same scans on another grid and field of view."""
+    spacing, cut = c.reframe or (0.0, 0.0)
+    parts = []
+    for r in arms:
+        agreement = r.get("reframe_agreement")
+        if agreement:
+            parts.append(f"`{r['arm']}` " + ", ".join(f"{label} {d:.3f}" for label, d in agreement.items()))
+    return (f"Reframed input: each test scan was also resampled to {spacing:g} mm voxels with the anterior "
+            f"{cut:.0%} of its field of view cut away (`data-tools regrid`), predicted, and put back on the "
+            f"scan's grid; Dice between the two predictions of the same scan: " + ("; ".join(parts) or "-") + ".")
+
+
 def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
     """The markdown under the comparison's heading: question, command, set-up, machine, table, verdict."""
     s, m = summary["settings"], summary["machine"]
@@ -136,16 +164,20 @@ def section(c: Comparison, summary: dict, rows: list[dict]) -> str:
            f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, load average "
            f"{m['load_avg'][0]} at the start (shared machine); Python {m['python']}, torch {m['torch']}, "
            f"deepspeed {m['deepspeed']}. Date: {summary['started']}. Wall clock: {summary['minutes']} min in all."]
+    described = {arm.name: arm.description for arm in c.arms}  # documentation: the current words
     for r in summary["arms"]:
         secs = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["seconds"].items())
         t = dict(r.get("training", {}))
         val = ", ".join(f"{k} {v:.3f}" for k, v in t.pop("val_dice", {}).items())
         ends = ", ".join(f"{k} {v:.3f}" for k, v in t.items())
-        out.append(f"- Arm `{r['arm']}` ({r['description']}): {r['status']}; {secs} (load average "
+        out.append(f"- Arm `{r['arm']}` ({described.get(r['arm'], r['description'])}): {r['status']}; {secs} (load average "
                    f"{r['load_avg_15min']} over the 15 min before it ended); end of training (mean of the last 5 "
                    f"logged steps; loss = the arm's whole objective): {ends or '-'}; validation Dice with the "
-                   f"final weights {val or '-'}.")
-    out += ["", markdown_table(rows, arms_ok), "", verdicts(rows, c.arms[0].name, c.arms[-1].name)]
+                   f"final weights {val or '-'}{postprocessing_text(r.get('postprocessing'))}.")
+    out += ["", markdown_table(rows, arms_ok), ""]
+    out += ["\n\n".join(verdicts(rows, c.arms[0].name, other.name) for other in c.arms[1:])]
+    if c.reframe is not None:
+        out += ["", reframe_text(c, summary["arms"])]
     if c.target is not None:
         out += ["", c.target(rows)]
     out += ["", c.caveat, "", "### At a larger scale (GPU cluster): settings, not results", "", c.scale_up]

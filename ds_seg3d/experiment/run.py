@@ -68,14 +68,15 @@ def evaluate_cmd(c: Comparison, pred: Path, truth: Path, out_csv: Path) -> list[
 
 
 def run_logged(cmd: list[str], log: Path, desc: str = "", total: int | None = None,
-               progress: Callable[[], int] | None = None) -> int:
-    """Run ``cmd`` with its output in ``log`` and a tqdm bar following ``progress()``; its exit code.
-    Children get ``OMP_NUM_THREADS=1`` (ranks share the cores) and this ``ds_seg3d`` on ``PYTHONPATH``."""
+               progress: Callable[[], int] | None = None, append: bool = False) -> int:
+    """Run ``cmd`` with its output in ``log`` (after what it holds with ``append``) and a tqdm bar following
+    ``progress()``; its exit code. Children get ``OMP_NUM_THREADS=1`` (ranks share the cores) and this
+    ``ds_seg3d`` on ``PYTHONPATH``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = launch_env()
     line = "$ " + shlex.join(cmd)
     print(f"{desc}: {line}" if desc else line, flush=True)
-    with open(log, "w") as fh:
+    with open(log, "a" if append else "w") as fh:
         fh.write(line + "\n")
         fh.flush()
         # Its own process group: an interrupt takes the launcher's ranks down with it.
@@ -151,6 +152,41 @@ def trained_model(run: Path) -> dict | None:
             "planned": info.get("plan") is not None}
 
 
+def regrid_cmd(src: Path, out: Path, *args: str) -> list[str]:
+    return [*PY, "data_tools", "regrid", str(src), str(out), *args]
+
+
+def reframed_steps(c: Comparison, run: Path, adir: Path, out: Path,
+                   test: list[tuple[str, Path, Path]]) -> list[tuple[str, list[list[str]], int | None, Callable]]:
+    """Predict the reframed test scans, put each prediction back on its scan's grid, score the agreement."""
+    reframed, back = adir / "pred_reframed", adir / "pred_reframed_back"
+    return [("predict-reframed", [predict_cmd(run, reframed, [out / "reframed" / t[1].name for t in test])],
+             len(test), lambda: _count_labels(reframed)),
+            ("regrid-back", [regrid_cmd(reframed / t[1].name, back / t[1].name, "--like", str(t[1])) for t in test],
+             None, None),
+            ("agreement", [evaluate_cmd(c, back, adir / "pred", adir / "reframe_agreement.csv")], None, None)]
+
+
+def reframe_agreement(adir: Path) -> dict[str, float] | None:
+    """Mean Dice per label between the predictions of the reframed and of the original scans."""
+    try:
+        with open(adir / "reframe_agreement.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return None
+    labels = dict.fromkeys(r["label"] for r in rows)
+    return {label: round(float(np.mean([float(r["dice"]) for r in rows if r["label"] == label])), 4)
+            for label in labels}
+
+
+def postprocessing(run: Path) -> dict | None:
+    """What the final validation decided about keeping each label's largest component (run.json)."""
+    try:
+        return json.loads((run / RUN_INFO).read_text()).get("postprocessing")
+    except (OSError, ValueError):
+        return None
+
+
 def run_arm(c: Comparison, s: Settings, arm: Arm, out: Path, test: list[tuple[str, Path, Path]]) -> dict:
     """Train, predict and evaluate one arm; its record: status, seconds and command per step, training."""
     adir = out / "arms" / arm.name
@@ -158,19 +194,26 @@ def run_arm(c: Comparison, s: Settings, arm: Arm, out: Path, test: list[tuple[st
     run, pred = adir / "run", adir / "pred"
     rec: dict = {"arm": arm.name, "description": arm.description, "status": "ok", "seconds": {}, "commands": {}}
     print(f"== arm {arm.name}: {arm.description}", flush=True)
-    for name, cmd, total, progress in (
-            ("train", train_cmd(c, s, arm, out / "shards", run, free_port()), s.steps, lambda: last_step(run)),
-            ("predict", predict_cmd(run, pred, [t[1] for t in test]), len(test), lambda: _count_labels(pred)),
-            ("evaluate", evaluate_cmd(c, pred, out / "truth", adir / "evaluation.csv"), None, None)):
+    steps = [("train", [train_cmd(c, s, arm, out / "shards", run, free_port())], s.steps, lambda: last_step(run)),
+             ("predict", [predict_cmd(run, pred, [t[1] for t in test])], len(test), lambda: _count_labels(pred)),
+             ("evaluate", [evaluate_cmd(c, pred, out / "truth", adir / "evaluation.csv")], None, None)]
+    if c.reframe is not None:
+        steps += reframed_steps(c, run, adir, out, test)
+    for name, cmds, total, progress in steps:
         start = time.monotonic()
-        rc = run_logged(cmd, adir / f"{name}.log", name, total, progress)
-        rec["seconds"][name], rec["commands"][name] = round(time.monotonic() - start, 1), shlex.join(cmd)
+        for i, cmd in enumerate(cmds):
+            if (rc := run_logged(cmd, adir / f"{name}.log", name, total, progress, append=i > 0)) != 0:
+                break
+        rec["seconds"][name], rec["commands"][name] = round(time.monotonic() - start, 1), shlex.join(cmds[0])
         if rc != 0:
             rec["status"] = f"{name} failed (exit {rc}): {_log_tail(adir / f'{name}.log')}"
             print(f"arm {arm.name}: {rec['status']} (log {adir / f'{name}.log'})", flush=True)
             break
     rec["training"] = training_summary(run)
     rec["model"] = trained_model(run)
+    rec["postprocessing"] = postprocessing(run)
+    if c.reframe is not None:
+        rec["reframe_agreement"] = reframe_agreement(adir)
     rec["load_avg_15min"] = round(os.getloadavg()[2], 2)  # others' jobs on the same cores slow an arm down
     return rec
 
@@ -190,6 +233,14 @@ def run_comparison(c: Comparison, s: Settings, out: Path, command: str, write_md
     truth.mkdir()
     for _, image, label in test:
         shutil.copyfile(label, truth / image.name)  # evaluate pairs prediction and truth by file name
+    if c.reframe is not None:
+        spacing, cut = c.reframe
+        for i, (_, image, _) in enumerate(test):
+            cmd = regrid_cmd(image, out / "reframed" / image.name, "--spacing", *[f"{spacing:g}"] * 3,
+                             "--crop-anterior", f"{cut:g}")
+            if (rc := run_logged(cmd, out / "logs" / "reframe.log", append=i > 0)) != 0:
+                raise ValueError(f"{out / 'logs' / 'reframe.log'}: reframing failed (exit {rc}): "
+                                 f"{_log_tail(out / 'logs' / 'reframe.log')}")
     records = [run_arm(c, s, arm, out, test) for arm in c.arms]
     rows = []
     for rec in (r for r in records if r["status"] == "ok"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_seg3d.evaluation.bland_altman import bland_altman_writer
-from ds_seg3d.experiment.markdown import FIGURES, INTRO, section
+from ds_seg3d.experiment.markdown import FIGURES, INTRO, reframe_text, section
 from ds_seg3d.experiment.spec import Comparison, Settings
 from ds_seg3d.results import replace_section, write_files, write_text_atomic
 
@@ -88,16 +88,19 @@ def spread_table(c: Comparison, runs: dict[int, tuple[dict, list[dict]]]) -> lis
 
 
 def verdict(c: Comparison, runs: dict[int, tuple[dict, list[dict]]]) -> list[str]:
-    """Per label: on how many seeds the last arm's mean Dice beat the first's, and by how much on average."""
-    first, last = c.arms[0].name, c.arms[-1].name
+    """Per label and arm after the first: on how many seeds its mean Dice beat the first arm's, and by how much
+    on average."""
+    first = c.arms[0].name
     labels = list(dict.fromkeys(r["label"] for _, rows in runs.values() for r in rows))
     out = []
     for label in labels:
-        diffs = [(_stats(rows, last, label)["dice"] - _stats(rows, first, label)["dice"]) for _, rows in runs.values()]
-        wins = sum(d >= 0 for d in diffs)
-        sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
-        out.append(f"{label}: {last} - {first} mean Dice {np.mean(diffs):+.3f} (sd {sd:.3f} over {len(diffs)} seeds); "
-                   f"{last} >= {first} on {wins} of {len(diffs)} seeds.")
+        for other in (a.name for a in c.arms[1:]):
+            diffs = [(_stats(rows, other, label)["dice"] - _stats(rows, first, label)["dice"])
+                     for _, rows in runs.values()]
+            wins = sum(d >= 0 for d in diffs)
+            sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+            out.append(f"{label}: {other} - {first} mean Dice {np.mean(diffs):+.3f} (sd {sd:.3f} over {len(diffs)} "
+                       f"seeds); {other} >= {first} on {wins} of {len(diffs)} seeds.")
     return out
 
 
@@ -113,6 +116,14 @@ def render(c: Comparison, out: Path, seed_list: list[int], write_md: Path | None
     body = [setup, f"- Seeds: {', '.join(map(str, seed_list))} (each its own phantoms, split and training); wall clock "
             f"{minutes:.1f} min in all.", "", "Per seed (means over that seed's test cases):", "",
             *spread_table(c, runs), *verdict(c, runs)]
+    decisions = [f"seed {seed} `{r['arm']}` " + (("applied to " + ", ".join(r["postprocessing"]["keep_largest"]))
+                                                  if r["postprocessing"]["keep_largest"] else "not applied")
+                 for seed, (summary, _) in runs.items() for r in summary["arms"] if r.get("postprocessing")]
+    if decisions:
+        body += ["", "Largest-components post-processing, as each run's final validation decided: "
+                 + "; ".join(decisions) + "."]
+    if c.reframe is not None:
+        body += [""] + [f"Seed {seed}: " + reframe_text(c, summary["arms"]) for seed, (summary, _) in runs.items()]
     if c.target is not None:
         body += ["", "All seeds' test cases together: " + c.target(pooled)]
         body += [f"Seed {seed}: " + c.target(rows) for seed, (_, rows) in runs.items()]

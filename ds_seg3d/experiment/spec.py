@@ -78,6 +78,10 @@ class Comparison:
     """Whether ``data`` generates phantoms (``--cases`` and ``--phantom-shape`` mean something)."""
     target: Callable[[list[dict]], str] | None = None
     """A sentence on whether the rows meet the comparison's stated target, if it has one."""
+    reframe: tuple[float, float] | None = None
+    """(spacing in mm, anterior fraction cut): also predict every test scan resampled to that isotropic
+    spacing with that part of its field of view cut away (``data-tools regrid``), put the prediction back
+    on the scan's grid and score its agreement with the prediction of the scan as it is."""
 
     def arm_config(self, arm: Arm) -> str:
         return arm.config or self.config

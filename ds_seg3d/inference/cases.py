@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,9 @@ def mirror_axes(info: dict) -> tuple[int, ...]:
     return MIRROR_AXES.get(info["model"]["name"], (0, 1, 2))
 
 
-def keep_largest(info: dict) -> list[int]:
-    """The labels the run's final validation chose to reduce to their largest component (none before)."""
-    return sorted((info.get(postprocess.KEY) or {}).get("keep_largest", {}).values())
+def keep_largest(info: dict) -> dict[int, int]:
+    """{label value: components to keep}: the run's post-processing (run.json), empty when none."""
+    return postprocess.kept(info.get(postprocess.KEY))
 
 
 def preprocess_options(info: dict) -> PreprocessOptions:
@@ -111,11 +111,11 @@ class InputCase:
         """The output's file name: the input's own, in the output folder."""
         return self.path.name
 
-    def finish(self, probs: torch.Tensor, out_dir: Path, labels: dict[str, int], keep_largest: Iterable[int] = ()
-               ) -> dict:
-        """Write the label map on the input grid, ``keep_largest`` labels reduced to their largest component
-        (the run's post-processing); returns (and prints) the volumes row."""
-        label = postprocess.apply(to_input_grid(probs, self.geometry), keep_largest)
+    def finish(self, probs: torch.Tensor, out_dir: Path, labels: dict[str, int],
+               keep_largest: Mapping[int, int] | None = None) -> dict:
+        """Write the label map on the input grid, ``keep_largest`` labels (value: components) reduced to their
+        largest components (the run's post-processing); returns (and prints) the volumes row."""
+        label = postprocess.apply(to_input_grid(probs, self.geometry), keep_largest or {})
         write_label(label, self.affine, self.header, out_dir / self.name)
         vols = volumes_ml(label, self.affine, labels)
         print(f"{self.name}: " + ", ".join(f"{k} {v:.1f} mL" for k, v in vols.items()), flush=True)

@@ -219,7 +219,8 @@ def run(args: argparse.Namespace):
                 log.write("val", step, dice=dice, dice_largest_component=largest)
                 bar.write(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
             if last and rank == 0:  # nnU-Net's post-processing, decided on the final validation
-                record_postprocessing(run, postprocess.decide(dice, largest, reader.labels))
+                record_postprocessing(run, postprocess.decide(dice, largest, reader.labels,
+                                                              postprocess.training_components(reader.manifest)))
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             save(engine, run, step, sampler, adv)
             dog.pet()

@@ -2,8 +2,8 @@
 
 The validation cases are split over data-parallel replicas and run in lockstep on every rank (see
 ``ds_seg3d.inference.pipelined``); the last stage scores each case against its shard label, as predicted
-and with each label reduced to its largest connected component (what decides nnU-Net's post-processing,
-``ds_seg3d.inference.postprocess``), and the Dice sums are all-reduced over the world so that every rank
+and with each label reduced to its largest connected components (as many as it has in the training labels:
+what decides the post-processing, ``ds_seg3d.inference.postprocess``), and the Dice sums are all-reduced over the world so that every rank
 returns the same means.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ def validate(engine, reader: ShardReader, cases: Sequence[str], *, dp_rank: int,
              roi: Sequence[int], micro_batch: int, overlap: float,
              on_progress: Callable[[], None] = lambda: None) -> tuple[dict[str, float], dict[str, float]]:
     """Mean Dice per foreground class over ``cases``, as predicted and with every label reduced to its
-    largest component (the same two dicts on every rank)."""
+    largest components (the same two dicts on every rank)."""
     labels = reader.labels
+    keep = postprocess.training_components(reader.manifest)
     names = [n for n, v in labels.items() if v != 0]
     n = len(names)
     sums = torch.zeros(2 * n + 1, dtype=torch.float64)  # Dice sums, Dice sums after the reduction, case count
@@ -34,8 +35,8 @@ def validate(engine, reader: ShardReader, cases: Sequence[str], *, dp_rank: int,
         def score(probs: torch.Tensor) -> None:
             predicted, truth = argmax_labels(probs), reader.read_case(case)[1]
             d = dice_per_class(predicted, truth, labels)
-            largest = {name: dice_per_class(postprocess.largest_component(predicted, labels[name]), truth,
-                                            {name: labels[name]})[name] for name in names}
+            largest = {name: dice_per_class(postprocess.largest_components(predicted, labels[name], keep[name]),
+                                            truth, {name: labels[name]})[name] for name in names}
             sums[:n] += torch.tensor([d[k] for k in names], dtype=torch.float64)
             sums[n:2 * n] += torch.tensor([largest[k] for k in names], dtype=torch.float64)
             sums[-1] += 1

@@ -10,6 +10,7 @@ import pytest
 from data_tools.build_shards import INTENSITY_SAMPLES, build_shards, case_seed
 from data_tools.phantoms import write_msd_dataset
 from ds_seg3d.data import shard_format as sf
+from ds_seg3d.data.geometry import component_count
 from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, foreground_intensities, preprocess_arrays
 from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.paths import SAMPLE_CT_IMAGE, SAMPLE_CT_LABEL
@@ -39,6 +40,8 @@ def test_fingerprint_samples_every_training_case_alike(shards: Path) -> None:
     assert IntensityProperties.of(np.concatenate(samples)).to_json() == pytest.approx(fp["foreground_intensity"])
     # the test cases' intensities stay out of the statistics every case is normalised with
     assert not set(m["splits"]["test"]) & set(fp["spacings"])
+    counts = [component_count(np.asarray(nib.load(m["cases"][case]["label"]).dataobj) == 1) for case in train]
+    assert fp["components"] == {"kidney": int(np.round(np.median(counts)))} == {"kidney": 2}  # left and right
 
 
 def test_every_case_is_normalised_with_the_same_dataset_statistics(shards: Path) -> None:

@@ -248,9 +248,11 @@ def test_test_cases_come_from_the_manifest(kidney_shards: Path, tmp_path: Path) 
 
 @pytest.mark.multirank
 def test_end_to_end_one_failing_arm_does_not_stop_the_other(tmp_path: Path) -> None:
-    """Real phantoms, shards and launches at a tiny size; the first arm's launch fails on a bad flag."""
+    """Real phantoms, shards and launches at a tiny size; the first arm's launch fails on a bad flag. The
+    other also predicts its test scans reframed (a finer grid, a cut field of view) and scores the agreement."""
     comparison = dataclasses.replace(PSOAS, arms=(
-        Arm("broken", "a flag the trainer refuses", lambda s: ["--no-such-flag"]), Arm("plain", "the baseline")))
+        Arm("broken", "a flag the trainer refuses", lambda s: ["--no-such-flag"]), Arm("plain", "the baseline")),
+        reframe=(2.0, 0.3))
     s = Settings(cases=4, steps=2, seed=1, phantom_shape=(64, 64, 32),
                  overrides=("data.patch=32,32,16", "model.params.base_width=4"))
     md, out = tmp_path / "EXPERIMENTS.md", tmp_path / "out"
@@ -267,6 +269,11 @@ def test_end_to_end_one_failing_arm_does_not_stop_the_other(tmp_path: Path) -> N
     text = md.read_text()
     assert PSOAS.heading in text and "| Dice plain |" in text and "train failed" in text
     assert (out / "arms" / "plain" / "run" / "training_curve.png").is_file()
+    plain = next(a for a in summary["arms"] if a["arm"] == "plain")
+    assert set(plain["reframe_agreement"]) == {"psoas"} and 0 <= plain["reframe_agreement"]["psoas"] <= 1
+    back = list((out / "arms" / "plain" / "pred_reframed_back").glob("*.nii.gz"))
+    assert len(back) == len(rows) and "Reframed input: each test scan was also resampled to 2 mm" in text
+    assert set(plain["postprocessing"]["keep_largest"]) <= {"psoas"} and "largest-components post-processing" in text
 
 
 def test_arm_set_reaches_one_arm_only_and_round_trips(tmp_path: Path) -> None:
@@ -362,7 +369,10 @@ def test_report_only_renders_a_finished_comparison_with_its_plot(tmp_path: Path)
         w.writerows(rows)
     arms = [{"arm": a, "description": a, "status": "ok", "seconds": {"train": 60.0}, "training": {"s_per_step": 1.5},
              "load_avg_15min": 1.0, "model": {"name": net, "params": {"levels": 3, "strides": [[1, 1, 1], [2, 2, 1]]},
-                                             "patch": [32, 32, 16], "weights": 1234, "planned": True}}
+                                             "patch": [32, 32, 16], "weights": 1234, "planned": True},
+             "postprocessing": {"keep_largest": {"kidney": 1} if net == "unet3d" else {}, "components": {"kidney": 2},
+                                "validation_dice": {"kidney": 0.9}, "validation_dice_largest_component": {
+                                    "kidney": 0.92 if net == "unet3d" else 0.85}}}
             for a, net in (("2d", "cnn2d"), ("3d", "unet3d"))]
     summary = {"comparison": kidney.name, "command": "python -m ds_seg3d experiment kidney-3d-vs-2d --out x",
                "settings": dataclasses.asdict(Settings()), "splits": {"train": 13, "val": 1, "test": 4},
@@ -377,6 +387,9 @@ def test_report_only_renders_a_finished_comparison_with_its_plot(tmp_path: Path)
     text = md.read_text()
     assert "](experiments/results/kidney-3d-vs-2d_bland_altman.png)" in text
     assert "s_per_step 1.500" in text and "NOT MET" in text and "`cnn2d`" in text and "`unet3d`" in text
+    assert ("post-processing (kidney 2 per label, as in the training labels) applied to kidney (validation Dice "
+            "kidney 0.900 -> 0.920)") in text
+    assert "training labels) not applied (validation Dice kidney 0.900 -> 0.850)" in text
     # another comparison's folder is refused, in one line
     assert experiment.run(_cli(["real-ct", "--out", str(out), "--report-only"])) == 2
 
@@ -418,3 +431,21 @@ def test_seeds_resume_finished_ones_and_report_the_spread(tmp_path: Path, monkey
     assert "| **mean ± sd over seeds** |" in text and "seeds 0, 1, 2" in text
     assert "3d >= 2d on 2 of 3 seeds" in text  # 0.91 vs 0.81, 0.85 vs 0.86, 0.89 vs 0.83
     assert "All seeds' test cases together:" in text and "Seed 1:" in text
+
+
+def test_adversarial_variants_change_one_remedy_each(tmp_path: Path) -> None:
+    variants = COMPARISONS["psoas-adversarial-variants"]
+    s = Settings(steps=90)
+    cfgs = {arm.name: _train_config(experiment.train_cmd(variants, s, arm, tmp_path / "shards", tmp_path / "run", 1))
+            for arm in variants.arms}
+    assert not cfgs["baseline"].adversarial.enabled
+    reference = cfgs["adversarial"].to_dict()["adversarial"]
+    assert reference["enabled"] and reference["warmup_steps"] == 30
+    changed = {name: {k for k, v in cfg.to_dict()["adversarial"].items() if reference[k] != v}
+               for name, cfg in cfgs.items() if name not in ("baseline", "adversarial")}
+    assert changed == {"steadied": {"label_smoothing", "ramp_steps"}, "r1": {"gradient_penalty"},
+                       "slow-d": {"discriminator_lr"}}
+    assert cfgs["steadied"].adversarial.ramp_steps == 30
+    text = markdown.verdicts([{"arm": a, "case": "c", "label": "psoas", "dice": "0.8", "volume_error_pct": "1"}
+                              for a in ("baseline", "r1")], "baseline", "r1")
+    assert text.startswith("On 1 test case(s), r1 vs baseline")

@@ -82,10 +82,12 @@ def test_two_stages_two_replicas_train_and_checkpoint(trained: dict) -> None:
             == [f"layer_{i:02d}-model_states.pt" for i in range(6)]
     val = [r for r in read_metrics(run) if r["kind"] == "val"]
     assert [r["step"] for r in val] == [MIDDLE, STEPS] and 0.0 <= val[-1]["dice"]["kidney"] <= 1.0
-    # the final validation decided nnU-Net's post-processing, for predict
+    # the final validation decided the post-processing (as many components as the training labels have)
     post = json.loads((run / ckpt.RUN_INFO).read_text())["postprocessing"]
     kept = val[-1]["dice_largest_component"]["kidney"] > val[-1]["dice"]["kidney"]
+    manifest = json.loads((Path(trained["args"][trained["args"].index("--data") + 1]) / "manifest.json").read_text())
     assert post["keep_largest"] == ({"kidney": 1} if kept else {})
+    assert post["components"] == manifest["dataset_fingerprint"]["components"]
     assert post["validation_dice"]["kidney"] == pytest.approx(val[-1]["dice"]["kidney"], abs=1e-5)
     assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run / "monitor").rglob("*.csv")), "DeepSpeed's CSV monitor wrote nothing"
