@@ -2,17 +2,40 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ds_seg3d.config import load_config
+from ds_seg3d.evaluation.bland_altman import bland_altman_writer
 from ds_seg3d.experiment.spec import Comparison, Settings
 from ds_seg3d.paths import shipped
+from ds_seg3d.results import replace_section, write_files, write_text_atomic
 
 FIGURES = "experiments/results"
 """Where ``--write-md`` puts the figures its section shows, relative to the markdown file."""
 INTRO = "# Experiments\n\nComparisons run end to end by `ds-seg3d experiment NAME`; each section says how.\n"
+
+
+def publish(c: Comparison, out: Path, rows: list[dict], body: str, write_md: Path | None, caption: str) -> None:
+    """Write ``out/results.md`` and the Bland-Altman plot of ``rows`` (every arm); with ``write_md``, also the
+    comparison's section of that markdown file, the plot copied beside it under ``FIGURES``."""
+    if rows:
+        write_files({out / "bland_altman.png": bland_altman_writer(
+            [{**r, "label": f"{r['label']}, {r['arm']}"} for r in rows])})
+    write_text_atomic(out / "results.md", f"{c.heading}\n\n{body}")
+    if write_md is None:
+        return
+    if rows:  # the volume agreement of every arm, kept beside the markdown that shows it
+        png = write_md.resolve().parent / FIGURES / f"{c.name}_bland_altman.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "bland_altman.png", png)
+        rel = os.path.relpath(png, write_md.resolve().parent)
+        body += f"\nVolume agreement per arm (Bland-Altman, {caption}):\n\n![{c.name} Bland-Altman]({rel})\n"
+    replace_section(write_md, c.heading, body, intro=INTRO)
+    print(f"wrote the section {c.heading[3:]!r} of {write_md}")
 
 
 def _num(row: dict, field: str) -> float:

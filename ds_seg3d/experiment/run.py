@@ -34,15 +34,14 @@ from tqdm import tqdm
 
 from ds_seg3d.checkpoint import RUN_INFO
 from ds_seg3d.data.shard_format import MANIFEST_NAME, iter_cases, load_manifest
-from ds_seg3d.evaluation.bland_altman import bland_altman_writer
 from ds_seg3d.evaluation.evaluate import FIELDS
 from ds_seg3d.experiment import seeds
 from ds_seg3d.experiment.comparisons import COMPARISONS
-from ds_seg3d.experiment.markdown import FIGURES, INTRO, markdown_table, section, verdicts
+from ds_seg3d.experiment.markdown import markdown_table, publish, section, verdicts
 from ds_seg3d.experiment.spec import PY, Arm, Comparison, Settings
 from ds_seg3d.parallel.launch import deepspeed_launcher, free_port, launch_env
 from ds_seg3d.paths import resolve, shipped
-from ds_seg3d.results import machine, replace_section, write_files, write_text_atomic
+from ds_seg3d.results import machine, write_text_atomic
 from ds_seg3d.training.run_log import METRICS
 
 
@@ -291,22 +290,9 @@ def render(c: Comparison, out: Path, write_md: Path | None = None) -> None:
         raise ValueError(f"{out}: no finished comparison to report ({e})") from None
     if summary.get("comparison") != c.name:
         raise ValueError(f"{out / 'summary.json'}: holds {summary.get('comparison')!r}, not {c.name!r}")
-    if rows:
-        write_files({out / "bland_altman.png": bland_altman_writer(
-            [{**r, "label": f"{r['label']}, {r['arm']}"} for r in rows])})
-    body = section(c, summary, rows)
-    write_text_atomic(out / "results.md", f"{c.heading}\n\n{body}")
-    if write_md is not None:
-        if rows:  # the volume agreement of every arm, kept beside the markdown that shows it
-            png = write_md.resolve().parent / FIGURES / f"{c.name}_bland_altman.png"
-            png.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / "bland_altman.png", png)
-            rel = os.path.relpath(png, write_md.resolve().parent)
-            body += f"\nVolume agreement per arm (Bland-Altman, test cases):\n\n![{c.name} Bland-Altman]({rel})\n"
-        replace_section(write_md, c.heading, body, intro=INTRO)
-        print(f"wrote the section {c.heading[3:]!r} of {write_md}")
+    publish(c, out, rows, section(c, summary, rows), write_md, "test cases")
     print(markdown_table(rows, [r["arm"] for r in summary["arms"] if r["status"] == "ok"]))
-    print(verdicts(rows, c.arms[0].name, c.arms[-1].name))
+    print("\n\n".join(verdicts(rows, c.arms[0].name, other.name) for other in c.arms[1:]))
     if c.target is not None:
         print(c.target(rows))
     print(f"results: {out / 'results.csv'}, {out / 'results.md'} ({summary['minutes']} min)")

@@ -11,16 +11,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ds_seg3d.evaluation.bland_altman import bland_altman_writer
-from ds_seg3d.experiment.markdown import FIGURES, INTRO, reframe_text, section
+from ds_seg3d.experiment.markdown import publish, reframe_text, section
 from ds_seg3d.experiment.spec import Comparison, Settings
-from ds_seg3d.results import replace_section, write_files, write_text_atomic
 
 
 def finished(folder: Path, c: Comparison, s: Settings) -> bool:
@@ -129,16 +125,6 @@ def render(c: Comparison, out: Path, seed_list: list[int], write_md: Path | None
         body += [f"Seed {seed}: " + c.target(rows) for seed, (_, rows) in runs.items()]
     body += ["", c.caveat, "", "### At a larger scale (GPU cluster): settings, not results", "", c.scale_up]
     text = "\n".join(body) + "\n"
-    write_files({out / "bland_altman.png": bland_altman_writer(
-        [{**r, "label": f"{r['label']}, {r['arm']}"} for r in pooled])})
-    write_text_atomic(out / "results.md", f"{c.heading}\n\n{text}")
-    if write_md is not None:
-        png = write_md.resolve().parent / FIGURES / f"{c.name}_bland_altman.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "bland_altman.png", png)
-        rel = os.path.relpath(png, write_md.resolve().parent)
-        text += f"\nVolume agreement per arm (Bland-Altman, test cases of all seeds):\n\n![{c.name} Bland-Altman]({rel})\n"
-        replace_section(write_md, c.heading, text, intro=INTRO)
-        print(f"wrote the section {c.heading[3:]!r} of {write_md}")
+    publish(c, out, pooled, text, write_md, "test cases of all seeds")
     print("\n".join(spread_table(c, runs) + verdict(c, runs)))
     print(f"results: {out / 'results.md'} ({minutes:.1f} min over {len(runs)} seeds)")
