@@ -148,14 +148,14 @@ class MemoryModel:
     count, micro-batch count and ZeRO stage asked of it.
     """
 
-    def __init__(self, spec: RunSpec, device: str | torch.device = "cpu") -> None:
+    def __init__(self, spec: RunSpec, device: str | torch.device = "cpu", traced: bool | None = None) -> None:
         self.base = spec
         self.device = torch.device(device)
         self.defs = spec.layer_defs()
         self.param_counts = [count_parameters([d]) for d in self.defs]
         self.step = z_step(spec)
         self.calibrator = StageCalibrator(self.defs, spec.sample_shape, self.step, spec.dtype, spec.classes,
-                                          self.device)
+                                          self.device, traced=traced)
         self._profiles: dict[tuple[int, ...], tuple[list[LayerProfile], int]] = {}
         self._held_profiles: dict[tuple, list[LayerProfile]] = {}
 
