@@ -315,6 +315,8 @@ def test_kidney_target_sentence() -> None:
     assert "NOT MET" in target(two_off) and "18/20" in target(two_off)
     low = [{**r, "dice": "0.94"} for r in good]
     assert "NOT MET" in target(low)
+    biased = [{**r, "volume_error_pct": "3.5"} for r in good]  # every case under 5 %, all of them too large
+    assert "NOT MET" in target(biased) and "mean signed volume error +3.5 %" in target(biased)
     assert "not measured" in target([{**r, "arm": "2d"} for r in good])
 
 
