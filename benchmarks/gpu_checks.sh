@@ -3,8 +3,9 @@
 #   1. memory: for the 25-layer CNN and the U-Net in bf16, the largest cube that trains with and without
 #      activation checkpointing, the planner's prediction beside each measured peak
 #      (benchmarks/gpu_memory_check.py);
-#   2. the kidney 3D-vs-2D comparison at a larger patch and width than on CPU: Dice, volume error and
-#      seconds per step of both arms (python -m ds_seg3d experiment kidney-3d-vs-2d).
+#   2. the kidney 3D-vs-2D comparison with both networks planned for one GPU as nnU-Net plans them (8 GB,
+#      base width 32): Dice, volume error and seconds per step of both arms
+#      (python -m ds_seg3d experiment kidney-3d-vs-2d).
 # Usage: benchmarks/gpu_checks.sh OUT [STEPS]   (OUT receives results.tgz and the two summaries;
 #        SKIP_MEMORY=1 runs the experiment alone)
 # Needs torch with CUDA, deepspeed, nibabel, h5py, hdf5plugin, scipy, matplotlib, tqdm importable, the
@@ -26,13 +27,11 @@ if [ -z "${SKIP_MEMORY:-}" ]; then
     echo "memory check: $(( $(date +%s) - start )) s"
 fi
 
-echo "== 2. kidney 3D vs 2D at patch 96x96x48, widths doubled, bf16, $STEPS steps"
+echo "== 2. kidney 3D vs 2D planned for one 8 GB GPU at nnU-Net's widths, bf16, $STEPS steps"
 start=$(date +%s)
 timeout "${EXP_TIMEOUT:-310}" python3 -m ds_seg3d experiment kidney-3d-vs-2d --out "$WORK/kidney" --cases 20 --steps "$STEPS" \
     --ranks 1 --stages 1 --seed 0 --deepspeed-config ds_configs/pipeline_zero1_gpu_bf16.json \
-    --set data.patch=96,96,48 --set train.val_every=0 --set train.checkpoint_every=0 \
-    --arm-set 3d:model.params.base_width=16 --arm-set 3d:model.params.max_width=128 \
-    --arm-set 2d:model.params.base_width=28 --arm-set 2d:model.params.max_width=224 \
+    --plan-budget-gb 8 --plan-base-width 32 --set train.checkpoint_every=0 \
     --write-md "$WORK/EXPERIMENTS_gpu.md" 2>&1 | tee "$WORK/kidney.log" | grep -v "^\[20"
 echo "kidney experiment: $(( $(date +%s) - start )) s"
 
