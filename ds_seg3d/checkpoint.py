@@ -57,7 +57,8 @@ def layer_file(tag_dir: Path, index: int) -> Path:
 def load_layers(model: nn.Sequential, run: str | Path, tag: str | None = None) -> str:
     """Load a pipeline checkpoint's per-layer states into the single-device model; returns the tag.
 
-    Raises a one-line ValueError when the checkpoint is missing or was made by a different model.
+    Raises a one-line ValueError when the checkpoint is missing, was made by a different model or holds
+    non-finite weights.
     """
     tag = tag or latest_tag(run)
     if tag is None:
@@ -80,6 +81,9 @@ def load_layers(model: nn.Sequential, run: str | Path, tag: str | None = None) -
         state = torch.load(path, map_location="cpu", weights_only=True)
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise ValueError(f"{path}: layer {i} does not match the model (different architecture or width)")
+        if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
+            raise ValueError(f"{path}: layer {i} holds non-finite weights (NaN or inf): the run diverged "
+                             f"before {tag} was saved")
         states[i] = state
     # Every file is checked before any is loaded, so a mismatch leaves the model untouched.
     for i, state in states.items():

@@ -24,7 +24,7 @@ from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
 from ds_seg3d.inference import postprocess
 from ds_seg3d.models import build_layers, check_patch
-from ds_seg3d.parallel import watchdog
+from ds_seg3d.parallel import divergence, watchdog
 from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
 from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
 from ds_seg3d.parallel.pipeline import build_pipeline
@@ -204,7 +204,15 @@ def run(args: argparse.Namespace):
             adv.loss.step = step
         loss = float(engine.train_batch(data_iter))
         adv_metrics = adv.after_batch(step) if adv is not None else {}
+        bad = divergence.first_problem(engine, rank, world, engine.is_last_stage())
         dog.pet()
+        if bad is not None:  # stop before this state is validated or saved
+            bar.close()
+            if rank == 0:
+                print(divergence.message(step, *bad, topo.stage_of(bad[0]), ckpt.latest_tag(run)),
+                      file=sys.stderr, flush=True)
+            dog.stop()
+            return divergence.EXIT_CODE, engine, adv
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         last = step == cfg.train.steps

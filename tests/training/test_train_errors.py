@@ -74,8 +74,9 @@ def test_predict_without_checkpoint(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_predict_with_checkpoint_of_a_different_model(tmp_path: Path) -> None:
-    """A run folder whose layer files come from another width: refused, naming the layer file."""
+def _run_folder(tmp_path: Path, trained_width: int, poison_layer: int | None = None) -> Path:
+    """A run folder for a 4-wide U-Net whose layer files come from a ``trained_width``-wide one (with NaN in
+    the first weight of ``poison_layer``)."""
     import torch
 
     from ds_seg3d.models import build_layers
@@ -86,15 +87,35 @@ def test_predict_with_checkpoint_of_a_different_model(tmp_path: Path) -> None:
     tag_dir = run / "checkpoints" / "step0000001"
     tag_dir.mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step0000001")
-    trained = build_sequential(build_layers("unet3d", UNet3DConfig(levels=3, base_width=8, convs_per_level=1)))
+    trained = build_sequential(build_layers("unet3d", UNet3DConfig(levels=3, base_width=trained_width,
+                                                                    convs_per_level=1)))
     for i, layer in enumerate(trained):
-        torch.save(layer.state_dict(), tag_dir / f"layer_{i:02d}-model_states.pt")
+        state = layer.state_dict()
+        if i == poison_layer:
+            first = next(k for k, v in state.items() if v.is_floating_point() and v.numel())
+            state[first].view(-1)[0] = float("nan")
+        torch.save(state, tag_dir / f"layer_{i:02d}-model_states.pt")
     info = {"model": {"name": "unet3d", "config": {"in_channels": 1, "num_classes": 2, "levels": 3,
                                                      "base_width": 4, "max_width": 256, "convs_per_level": 1}},
             "labels": {"background": 0, "kidney": 1},
             "preprocessing": {"modality": "CT", "target_spacing": [3, 3, 3], "normalisation": {}},
             "experiment": {"data": {"patch": [32, 32, 16]}, "train": {"seed": 0}}}
     (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def test_predict_with_checkpoint_of_a_different_model(tmp_path: Path) -> None:
+    """A run folder whose layer files come from another width: refused, naming the layer file."""
+    run = _run_folder(tmp_path, trained_width=8)
     real = SAMPLE_CT / "example_ct_sm.nii.gz"
     proc = _run("ds_seg3d", "predict", "--checkpoint", str(run), "--out", str(tmp_path / "o"), str(real))
     _assert_one_line_error(proc, "layer_00-model_states.pt", "does not match")
+
+
+def test_predict_refuses_non_finite_weights(tmp_path: Path) -> None:
+    """A checkpoint of a diverged run (NaN in one layer): refused, naming that layer's file; no labels."""
+    run = _run_folder(tmp_path, trained_width=4, poison_layer=1)
+    real = SAMPLE_CT / "example_ct_sm.nii.gz"
+    proc = _run("ds_seg3d", "predict", "--checkpoint", str(run), "--out", str(tmp_path / "o"), str(real))
+    _assert_one_line_error(proc, "layer_01-model_states.pt", "non-finite")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
