@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                  "reference labels (CSV, summary, Bland-Altman PNG)"),
     "plan": ("ds_seg3d.memory.planner", "stages, micro-batches, checkpointing and ZeRO that fit a memory budget"),
     "bench memory": ("ds_seg3d.memory.sweep", "per-rank peak memory over a sweep, predicted beside measured"),
+    "check-run": ("ds_seg3d.training.check_run", "verify every checkpoint of a run folder against its manifest"),
     "experiment": ("ds_seg3d.experiment.run", "a named comparison end to end: data, shards, training per arm, scores"),
 }
 """Command (``"group name"`` for a sub-command) -> (module, help)."""

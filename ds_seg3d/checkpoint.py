@@ -6,7 +6,9 @@ A run folder holds::
                              preprocessing settings (everything ``predict`` needs besides weights)
     checkpoints/<tag>/       DeepSpeed's files: one ``layer_NN-model_states.pt`` per pipeline layer
                              (independent of the stage count), engine and optimizer states
-    checkpoints/latest       the newest complete tag (written by DeepSpeed after every rank saved)
+    checkpoints/<tag>/manifest.json   size and sha256 of every file of the tag (and of its discriminator
+                             state), written after every rank saved and before ``latest``
+    checkpoints/latest       the newest complete tag (written after every rank saved)
     metrics.jsonl, monitor/, *.png
 
 Layer files are indexed by the global layer index, so a checkpoint trained with any number of stages
@@ -14,7 +16,9 @@ loads into the single-device ``nn.Sequential`` of the same layer list.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,7 @@ def load_layers(model: nn.Sequential, run: str | Path, tag: str | None = None) -
     tag_dir = checkpoint_root(run) / tag
     if not tag_dir.is_dir():
         raise ValueError(f"{tag_dir}: no such checkpoint")
+    check_intact(run, tag, [layer_file(tag_dir, i) for i in range(len(model))])
     # DeepSpeed writes a file for every layer, also for layers without weights (an empty state).
     known = {layer_file(tag_dir, i).name for i in range(len(model))}
     foreign = sorted(p for p in tag_dir.glob("layer_*-model_states.pt") if p.name not in known)
@@ -89,6 +94,85 @@ def load_layers(model: nn.Sequential, run: str | Path, tag: str | None = None) -
     for i, state in states.items():
         model[i].load_state_dict(state)
     return tag
+
+
+MANIFEST = "manifest.json"
+
+
+def tag_files(run: str | Path, tag: str) -> list[Path]:
+    """Every file a checkpoint tag consists of (its folder and its discriminator state), sorted."""
+    tag_dir = checkpoint_root(run) / tag
+    files = [p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST]
+    if discriminator_file(run, tag).is_file():
+        files.append(discriminator_file(run, tag))
+    return sorted(files)
+
+
+def file_record(run: str | Path, path: Path) -> tuple[str, dict]:
+    """(path relative to the run folder, its size and sha256)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return path.relative_to(run).as_posix(), {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_manifest(run: str | Path, tag: str, records: dict[str, dict]) -> None:
+    path = checkpoint_root(run) / tag / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(dict(sorted(records.items())), indent=1))
+    tmp.replace(path)
+
+
+def damage(run: str | Path, tag: str, files: Iterable[Path] | None = None) -> str | None:
+    """What is wrong with a tag's files (all of them, or ``files``) against its manifest, as
+    ``"<file>: <problem>"``; None when they are intact. A tag without a manifest (one written before
+    manifests were) cannot be checked and counts as intact."""
+    run = Path(run)
+    manifest = checkpoint_root(run) / tag / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        records = json.loads(manifest.read_text())
+    except ValueError:
+        return f"{manifest}: damaged (not JSON)"
+    names = records if files is None else [Path(p).relative_to(run).as_posix() for p in files]
+    for name in names:
+        path, want = run / name, records.get(name)
+        if want is None:
+            if path.is_file():
+                return f"{path}: not in the checkpoint's manifest ({manifest})"
+            continue  # a layer without a file (no weights), as DeepSpeed may save it
+        if not path.is_file():
+            return f"{path}: missing (listed in {manifest})"
+        if path.stat().st_size != want["size"]:
+            return f"{path}: truncated or damaged ({path.stat().st_size} bytes, the manifest says {want['size']})"
+        if file_record(run, path)[1]["sha256"] != want["sha256"]:
+            return f"{path}: damaged (its sha256 differs from the manifest's)"
+    return None
+
+
+def tags(run: str | Path) -> list[str]:
+    """Every checkpoint tag folder of a run, oldest first."""
+    root = checkpoint_root(run)
+    return sorted(p.name for p in root.glob("step*") if p.is_dir()) if root.is_dir() else []
+
+
+def newest_intact(run: str | Path, before: str | None = None) -> str | None:
+    """The newest tag (older than ``before``) with a manifest and every file intact."""
+    for tag in reversed(tags(run)):
+        if before is not None and tag >= before:
+            continue
+        if (checkpoint_root(run) / tag / MANIFEST).is_file() and damage(run, tag) is None:
+            return tag
+    return None
+
+
+def check_intact(run: str | Path, tag: str, files: Iterable[Path] | None = None) -> None:
+    """Raise a one-line ValueError naming the first damaged file of a tag and the newest intact tag."""
+    problem = damage(run, tag, files)
+    if problem is not None:
+        raise ValueError(f"{problem}; newest intact checkpoint: {newest_intact(run, before=tag) or 'none'}")
 
 
 def write_latest(run: str | Path, tag: str) -> None:

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="overrides train_micro_batch_size_per_gpu")
     p.add_argument("--grad-accum", type=int, help="overrides gradient_accumulation_steps (micro-batches per step)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume-from", metavar="TAG",
+                   help="continue from this checkpoint tag instead of the latest (implies --resume)")
     p.add_argument("--adversarial", action="store_true", help="train a discriminator against the segmenter")
     p.add_argument("--discriminator_config", "--discriminator-config", dest="discriminator_config",
                    default=str(shipped(DEFAULT_DISCRIMINATOR_CONFIG)),
@@ -38,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"end the job when a rank makes no progress this long (a peer hung or died); "
                         f"default ${watchdog.ENV} or {watchdog.DEFAULT_BOUND_S:g}; 0 turns it off")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.resume = args.resume or args.resume_from is not None
+    return args
 
 
 

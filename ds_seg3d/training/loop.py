@@ -99,16 +99,46 @@ def _jsonable(d: dict) -> dict:
 
 
 def save(engine, run: Path, step: int, sampler: PatchSampler, adv: AdversarialTraining | None) -> None:
-    """Save on every rank; ``latest`` is written only after every rank has finished its files."""
+    """Save on every rank; once every rank has finished its files, they hash the tag's files between them
+    (a share each), rank 0 writes the manifest and then ``latest``."""
     tag = ckpt.step_tag(step)
     state = {"step": step, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, client_state=state, save_latest=False)
     if adv is not None:
         adv.save(run, tag)
     dist.barrier()
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = [ckpt.file_record(run, p) for p in ckpt.tag_files(run, tag)[rank::world]]
+    shares: list = [None] * world
+    dist.all_gather_object(shares, share)
+    if rank == 0:
+        ckpt.write_manifest(run, tag, dict(record for part in shares for record in part))
         ckpt.write_latest(run, tag)
     dist.barrier()
+
+
+def resume_tag(run: Path, wanted: str | None) -> str:
+    """The tag ``--resume`` loads (``--resume-from`` or ``latest``), checked whole against its manifest on
+    rank 0; a one-line ValueError on every rank when it is missing or damaged."""
+    problem = None
+    if dist.get_rank() == 0:
+        tag = wanted or ckpt.latest_tag(run)
+        if tag is None:
+            problem = f"{ckpt.checkpoint_root(run)}: --resume but no complete checkpoint"
+        elif not (ckpt.checkpoint_root(run) / tag).is_dir():
+            problem = f"{ckpt.checkpoint_root(run) / tag}: no such checkpoint"
+        else:
+            try:
+                ckpt.check_intact(run, tag)
+            except ValueError as e:
+                problem = str(e)
+        verdict = [problem, tag]
+    else:
+        verdict = [None, None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ValueError(verdict[0])
+    return verdict[1]
 
 
 def run(args: argparse.Namespace):
@@ -139,10 +169,14 @@ def run(args: argparse.Namespace):
             print(f"error: {e}", file=sys.stderr)
         return 2, None, None
     run = Path(args.out)
-    if args.resume and ckpt.latest_tag(run) is None:
-        if rank == 0:
-            print(f"error: {ckpt.checkpoint_root(run)}: --resume but no complete checkpoint", file=sys.stderr)
-        return 2, None, None
+    tag = None
+    if args.resume:
+        try:
+            tag = resume_tag(run, args.resume_from)
+        except ValueError as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2, None, None
     run.mkdir(parents=True, exist_ok=True)
     sched = ds_cfg.get("scheduler", {}).get("params", {})
     for key in ("total_num_steps", "total_iters"):  # cosine, decay and poly schedules end with the run
@@ -171,14 +205,13 @@ def run(args: argparse.Namespace):
                            patches_per_epoch=math.ceil(len(train_cases) / topo.dp),
                            augment=augmentation(cfg))
     start = 0
-    if args.resume:
-        _, state = engine.load_checkpoint(str(ckpt.checkpoint_root(run)), tag=ckpt.latest_tag(run),
-                                          load_module_only=False)
+    if tag is not None:
+        _, state = engine.load_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, load_module_only=False)
         start = int(state["step"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         if adv is not None:
-            adv.load(run, ckpt.latest_tag(run))
+            adv.load(run, tag)
     elif rank == 0:
         (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo, plan), indent=1))
     data_iter = None

@@ -105,14 +105,15 @@ def test_replicas_of_a_stage_hold_identical_parameters(trained: dict) -> None:
 
 
 def test_resume_reproduces_the_uninterrupted_run(trained: dict) -> None:
+    """``--resume-from`` the middle checkpoint (``latest`` names the last one) continues exactly."""
     tmp, run = trained["tmp"], trained["run"]
     resumed = tmp / "resumed"
     shutil.copytree(run, resumed)
-    shutil.rmtree(ckpt.checkpoint_root(resumed) / ckpt.step_tag(STEPS))
-    ckpt.write_latest(resumed, ckpt.step_tag(MIDDLE))
+    assert ckpt.latest_tag(resumed) == ckpt.step_tag(STEPS)
     (resumed / "metrics.jsonl").write_text("")
     args = [a if a != str(run) else str(resumed) for a in trained["args"]]
-    run_deepspeed("ds_seg3d.train", [*args, "--resume"], num_ranks=4, timeout=900, module=True)
+    run_deepspeed("ds_seg3d.train", [*args, "--resume-from", ckpt.step_tag(MIDDLE)], num_ranks=4, timeout=900,
+                  module=True)
     want, got = _losses(run), _losses(resumed)
     assert sorted(got) == list(range(MIDDLE + 1, STEPS + 1))
     for step in got:
@@ -145,3 +146,63 @@ def test_predict_real_ct_on_its_own_grid_and_pipelined_agrees(trained: dict, kid
     a = np.asarray(nib.load(tmp / "single" / phantom.name).dataobj)
     b = np.asarray(nib.load(tmp / "piped" / phantom.name).dataobj)
     assert np.array_equal(a, b)
+
+
+def test_every_checkpoint_has_a_manifest_of_its_files(trained: dict) -> None:
+    run = trained["run"]
+    assert ckpt.tags(run) == [ckpt.step_tag(MIDDLE), ckpt.step_tag(STEPS)]
+    for tag in ckpt.tags(run):
+        records = json.loads((ckpt.checkpoint_root(run) / tag / ckpt.MANIFEST).read_text())
+        assert sorted(records) == [p.relative_to(run).as_posix() for p in ckpt.tag_files(run, tag)]
+        assert any("layer_" in name for name in records) and any("optim_states" in name for name in records)
+        for name, rec in records.items():
+            assert rec == ckpt.file_record(run, run / name)[1]
+    check = subprocess.run([sys.executable, "-m", "ds_seg3d", "check-run", str(run)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.count("intact") == 2 and "latest" in check.stdout.splitlines()[-1]
+
+
+def _one_error(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_damaged_or_truncated_checkpoint_is_named_and_refused(trained: dict) -> None:
+    """256 bytes flipped in the middle of a layer file of the last tag, then an optimizer file cut short:
+    ``check-run``, ``predict`` and ``--resume`` each refuse with one line naming the file and the newest
+    intact tag; ``predict --tag`` of that tag still works."""
+    tmp, run = trained["tmp"], trained["run"]
+    damaged = tmp / "damaged"
+    shutil.copytree(run, damaged)
+    last = ckpt.checkpoint_root(damaged) / ckpt.step_tag(STEPS)
+    layer = sorted(last.glob("layer_*-model_states.pt"))[1]
+    data = bytearray(layer.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 256] = bytes(b ^ 0xFF for b in data[middle:middle + 256])
+    layer.write_bytes(bytes(data))
+    intact = f"newest intact checkpoint: {ckpt.step_tag(MIDDLE)}"
+
+    check = subprocess.run([sys.executable, "-m", "ds_seg3d", "check-run", str(damaged)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and f"DAMAGED: {layer}" in check.stdout and intact in check.stderr
+    real = str(SAMPLE_CT / "example_ct_sm.nii.gz")
+    error = _one_error(_predict("--checkpoint", str(damaged), "--out", str(tmp / "dmg_pred"), real))
+    assert str(layer) in error and "sha256" in error and intact in error
+    assert not (tmp / "dmg_pred").exists() or not any((tmp / "dmg_pred").iterdir())
+    ok = _predict("--checkpoint", str(damaged), "--tag", ckpt.step_tag(MIDDLE), "--out", str(tmp / "old_pred"), real)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+    optim = sorted(last.glob("*optim_states.pt"))[0]
+    optim.write_bytes(optim.read_bytes()[:-100])
+    args = [a if a != str(run) else str(damaged) for a in trained["args"]]
+    resume = subprocess.run([sys.executable, "-m", "ds_seg3d.train", *args, "--stages", "1", "--resume"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    error = _one_error(resume)
+    assert intact in error and (str(layer) in error or (str(optim) in error and "truncated" in error))
+    layer.write_bytes((ckpt.checkpoint_root(run) / ckpt.step_tag(STEPS) / layer.name).read_bytes())  # repaired
+    check = subprocess.run([sys.executable, "-m", "ds_seg3d", "check-run", str(damaged)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and f"DAMAGED: {optim}: truncated" in check.stdout
