@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds_seg3d.parallel import watchdog
+from ds_seg3d.parallel import preemption, watchdog
 from ds_seg3d.paths import DEFAULT_DISCRIMINATOR_CONFIG, DEFAULT_DS_CONFIG, shipped
 from ds_seg3d.training import loop
 
@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watchdog-s", type=float, metavar="SECONDS",
                    help=f"end the job when a rank makes no progress this long (a peer hung or died); "
                         f"default ${watchdog.ENV} or {watchdog.DEFAULT_BOUND_S:g}; 0 turns it off")
+    p.add_argument("--preempt-signals", default=",".join(preemption.DEFAULT_SIGNALS), metavar="SIG[,SIG...]",
+                   help="signals that make every rank finish its step, save a checkpoint and exit (default "
+                        "%(default)s; also the end of the deepspeed command on a single node)")
+    p.add_argument("--preempt-exit-code", type=int, default=preemption.EXIT_CODE,
+                   help="exit status after such a save (default %(default)s, EX_TEMPFAIL: run again with --resume)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args(argv)
     args.resume = args.resume or args.resume_from is not None

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from ds_seg3d.data.reader import ShardReader
 from ds_seg3d.data.sampler import PatchSampler
 from ds_seg3d.inference import postprocess
 from ds_seg3d.models import build_layers, check_patch
-from ds_seg3d.parallel import divergence, watchdog
+from ds_seg3d.parallel import divergence, preemption, watchdog
 from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
 from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
 from ds_seg3d.parallel.pipeline import build_pipeline
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace):
             check_ds_config(file_cfg, topo, pipeline=True)  # a train_batch_size in the file must agree
         ds_cfg = fill_batch_fields(file_cfg, topo)
         bound_s = watchdog.default_bound_s() if args.watchdog_s is None else watchdog.check_bound(args.watchdog_s)
+        stop_signals = preemption.parse_signals(args.preempt_signals)
         check_ds_config(ds_cfg, topo, pipeline=True)
         d_cfg = load_ds_config(args.discriminator_config) if cfg.adversarial.enabled else None
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
@@ -231,6 +233,7 @@ def run(args: argparse.Namespace):
                   flush=True)
         print(topo.describe(), flush=True)
     dog = watchdog.Watchdog(bound_s, rank).start()
+    pre = preemption.Preemption(stop_signals, args.preempt_exit_code).install()
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start + 1, cfg.train.steps + 1):
         if adv is not None:
@@ -238,6 +241,7 @@ def run(args: argparse.Namespace):
         loss = float(engine.train_batch(data_iter))
         adv_metrics = adv.after_batch(step) if adv is not None else {}
         bad = divergence.first_problem(engine, rank, world, engine.is_last_stage())
+        stop = pre.agreed(rank, world)  # a signal to any rank: save after this step and exit
         dog.pet()
         if bad is not None:  # stop before this state is validated or saved
             bar.close()
@@ -251,7 +255,7 @@ def run(args: argparse.Namespace):
         last = step == cfg.train.steps
         if log and (step % cfg.train.log_every == 0 or last or step == start + 1):
             log.write("train", step, loss=loss, lr=engine.get_lr()[0], **adv_metrics)
-        if val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
+        if stop is None and val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
             dice, largest = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp,
                                      roi=cfg.data.patch, micro_batch=topo.micro_batch,
                                      overlap=cfg.train.val_overlap, on_progress=dog.pet)
@@ -262,9 +266,20 @@ def run(args: argparse.Namespace):
             if last and rank == 0:  # nnU-Net's post-processing, decided on the final validation
                 record_postprocessing(run, postprocess.decide(dice, largest, reader.labels,
                                                               postprocess.training_components(reader.manifest)))
-        if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+        if stop is not None or last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            began = time.monotonic()
+            if stop is not None:
+                pre.saving()  # a second signal from now on ends the rank at once
             save(engine, run, step, sampler, adv)
+            pre.done()
             dog.pet()
+        if stop is not None:
+            bar.close()
+            if rank == 0:
+                print(preemption.message(*stop, step, ckpt.step_tag(step), time.monotonic() - began,
+                                         args.preempt_exit_code), file=sys.stderr, flush=True)
+            dog.stop()
+            return args.preempt_exit_code, engine, adv
     bar.close()
     if rank == 0:
         curve = plot_training_curve(run)
