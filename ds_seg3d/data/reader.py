@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -21,6 +22,10 @@ _REQUIRED_KEYS = ("labels", "shards", "cases", "splits")
 
 
 MAX_OPEN_CASES = 4
+
+
+class ShardReadError(ValueError):
+    """A shard that the manifest lists cannot be read (changed or truncated after the build)."""
 
 
 class ShardReader:
@@ -119,6 +124,17 @@ class ShardReader:
         return tuple(int(s) for s in self._entry(case)["shape"])  # type: ignore[return-value]
 
     # -- shard access ----------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, case: str) -> Iterator[None]:
+        """HDF5's errors while reading a case, as one line naming its shard and the case."""
+        try:
+            yield
+        except (OSError, RuntimeError, KeyError) as e:
+            shard = self.folder / str(self._entry(case)["shard"])
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ShardReadError(f"{shard}: case {case!r} cannot be read ({first}); the shard changed or was "
+                                 f"truncated after it was built") from None
+
     def _group(self, case: str) -> h5py.Group:
         self._check_process()
         shard = str(self._entry(case)["shard"])
@@ -127,7 +143,8 @@ class ShardReader:
             path = self.folder / shard
             if not path.is_file():
                 raise ValueError(f"{path}: shard listed in {sf.MANIFEST_NAME} is missing")
-            f = self._files[shard] = sf.open_shard(path, self.cache_bytes)
+            with self._reading(case):
+                f = self._files[shard] = sf.open_shard(path, self.cache_bytes)
         try:
             return sf.case_group(f, case)
         except KeyError:
@@ -138,7 +155,8 @@ class ShardReader:
         ds = self._datasets.get(case)
         if ds is None:
             g = self._group(case)
-            ds = self._datasets[case] = (g[sf.IMAGE], g[sf.LABEL])
+            with self._reading(case):
+                ds = self._datasets[case] = (g[sf.IMAGE], g[sf.LABEL])
             while len(self._datasets) > MAX_OPEN_CASES:  # bounds chunk-cache memory over many cases
                 self._datasets.popitem(last=False)
         else:
@@ -147,11 +165,15 @@ class ShardReader:
 
     def geometry(self, case: str) -> sf.CaseGeometry:
         """How the case's shard arrays map back onto its original NIfTI grid."""
-        return sf.read_geometry(self._group(case))
+        group = self._group(case)
+        with self._reading(case):
+            return sf.read_geometry(group)
 
     def normalisation(self, case: str) -> dict[str, float]:
         """The intensity normalisation parameters stored with the case (``norm_*`` attributes)."""
-        return sf.read_normalisation(self._group(case))
+        group = self._group(case)
+        with self._reading(case):
+            return sf.read_normalisation(group)
 
     def pad_value(self, case: str) -> float:
         """Image value used outside the volume: the case's ``norm_pad``, else 0.0 (the normalised mean)."""
@@ -168,7 +190,9 @@ class ShardReader:
         self._check_process()
         fg = self._foreground.get(case)
         if fg is None:
-            raw = sf.read_foreground(self._group(case))
+            group = self._group(case)
+            with self._reading(case):
+                raw = sf.read_foreground(group)
             fg = {v: c.reshape(-1, 3) for v, c in sorted(raw.items()) if v != 0 and c.size}
             self._foreground[case] = fg
         return fg
@@ -176,7 +200,8 @@ class ShardReader:
     def read_case(self, case: str) -> tuple[np.ndarray, np.ndarray]:
         """The whole (image float32, label uint8) of a case."""
         image, label = self._arrays(case)
-        return image[()], label[()]
+        with self._reading(case):
+            return image[()], label[()]
 
     def read_patch(self, case: str, start: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(image float32, label uint8) of exactly ``size`` starting at voxel ``start``.
@@ -199,8 +224,9 @@ class ShardReader:
         if np.all(hi > lo):
             src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
             dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start_a))
-            image_ds.read_direct(image, source_sel=src, dest_sel=dst)
-            label_ds.read_direct(label, source_sel=src, dest_sel=dst)
+            with self._reading(case):
+                image_ds.read_direct(image, source_sel=src, dest_sel=dst)
+                label_ds.read_direct(label, source_sel=src, dest_sel=dst)
         return image, label
 
     def __repr__(self) -> str:

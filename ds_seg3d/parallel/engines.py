@@ -131,3 +131,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     on_device = values.to(get_accelerator().current_device_name())
     tdist.all_reduce(on_device)
     return on_device.cpu()
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_gone(e: BaseException) -> bool:
+    """Whether a collective or send/receive failed because a peer rank's process ended (gloo's wording)."""
+    return isinstance(e, RuntimeError) and any(words in str(e) for words in PEER_GONE)

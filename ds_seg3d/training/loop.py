@@ -7,9 +7,11 @@ last), seeded by (seed, data-parallel rank, epoch, index); middle stages draw no
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,13 +23,13 @@ from tqdm import tqdm
 from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.config import PLANNED, ExperimentConfig, apply_plan, load_config
 from ds_seg3d.data.augment import AugmentConfig, NnUNetAugment
-from ds_seg3d.data.reader import ShardReader
+from ds_seg3d.data.reader import ShardReader, ShardReadError
 from ds_seg3d.data.sampler import PatchSampler
 from ds_seg3d.inference import postprocess
 from ds_seg3d.models import build_layers, check_patch
 from ds_seg3d.parallel import divergence, preemption, watchdog
 from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
-from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline
+from ds_seg3d.parallel.engines import init_distributed, initialize_pipeline, peer_gone
 from ds_seg3d.parallel.pipeline import build_pipeline
 from ds_seg3d.parallel.topology import Topology
 from ds_seg3d.planning.plans import PLANS_NAME, NetworkPlan, Plans
@@ -99,23 +101,78 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
+class SaveError(Exception):
+    """A checkpoint could not be written (on any rank); ``latest`` still names the previous tag."""
+
+
+def _agree(problem: str | None) -> str | None:
+    """The first rank's problem, the same on every rank (a collective)."""
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def _write_problem(e: BaseException, where: Path) -> str:
+    """One line: the path and the problem, with the free space left (torch.save reports a full disk only
+    as an iostream error)."""
+    if isinstance(e, OSError) and e.filename:
+        path, what = e.filename, e.strerror or str(e)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return f"{path}: {what}"
+    else:
+        path, what = where, (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    try:
+        free = f"; {shutil.disk_usage(where if where.exists() else where.parent).free:,} bytes free there"
+    except OSError:
+        free = ""
+    return f"{path}: {what}{free}"
+
+
 def save(engine, run: Path, step: int, sampler: PatchSampler, adv: AdversarialTraining | None) -> None:
     """Save on every rank; once every rank has finished its files, they hash the tag's files between them
-    (a share each), rank 0 writes the manifest and then ``latest``."""
+    (a share each), rank 0 writes the manifest and then ``latest``.
+
+    A rank that cannot write (a read-only or full file system) does not leave the others waiting: every
+    rank first checks that it can create the tag's folder, and every rank's outcome of the save is shared
+    before the manifest; on any failure all ranks raise ``SaveError`` naming the path, rank 0 removes the
+    half-written tag, and ``latest`` keeps naming the previous complete one."""
     tag = ckpt.step_tag(step)
-    state = {"step": step, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
-    engine.save_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, client_state=state, save_latest=False)
-    if adv is not None:
-        adv.save(run, tag)
-    dist.barrier()
+    tag_dir = ckpt.checkpoint_root(run) / tag
+    problem = None
+    try:  # DeepSpeed's own save holds collectives that a rank failing before them would leave hanging
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        probe = tag_dir / f".probe.{dist.get_rank()}"
+        probe.write_bytes(b"\0")
+        probe.unlink()
+    except OSError as e:
+        problem = _write_problem(e, tag_dir)
+    if (problem := _agree(problem)) is None:
+        state = {"step": step, "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state()}
+        try:
+            engine.save_checkpoint(str(ckpt.checkpoint_root(run)), tag=tag, client_state=state, save_latest=False)
+            if adv is not None:
+                adv.save(run, tag)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            problem = _write_problem(e, tag_dir)
+        problem = _agree(problem)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if problem is not None:
+        if rank == 0 and ckpt.latest_tag(run) != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # half-written: never named, and its space back
+        raise SaveError(f"step {step}: checkpoint {tag} not saved: {problem}; latest checkpoint: "
+                        f"{ckpt.latest_tag(run) or 'none'}")
     share = [ckpt.file_record(run, p) for p in ckpt.tag_files(run, tag)[rank::world]]
     shares: list = [None] * world
     dist.all_gather_object(shares, share)
     if rank == 0:
-        ckpt.write_manifest(run, tag, dict(record for part in shares for record in part))
-        ckpt.write_latest(run, tag)
-    dist.barrier()
+        try:
+            ckpt.write_manifest(run, tag, dict(record for part in shares for record in part))
+            ckpt.write_latest(run, tag)
+        except OSError as e:
+            problem = _write_problem(e, tag_dir)
+    if (problem := _agree(problem)) is not None:
+        raise SaveError(f"step {step}: checkpoint {tag} not saved: {problem}; latest checkpoint: "
+                        f"{ckpt.latest_tag(run) or 'none'}")
 
 
 def resume_tag(run: Path, wanted: str | None) -> str:
@@ -140,6 +197,14 @@ def resume_tag(run: Path, wanted: str | None) -> str:
     if verdict[0] is not None:
         raise ValueError(verdict[0])
     return verdict[1]
+
+
+def _data_error(e: ShardReadError, rank: int, bar: tqdm, dog: watchdog.Watchdog) -> int:
+    """One line naming the shard and case, from the rank that met it; the exit status."""
+    bar.close()
+    print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
+    dog.stop()
+    return 2
 
 
 def run(args: argparse.Namespace):
@@ -238,7 +303,18 @@ def run(args: argparse.Namespace):
     for step in range(start + 1, cfg.train.steps + 1):
         if adv is not None:
             adv.loss.step = step
-        loss = float(engine.train_batch(data_iter))
+        try:
+            loss = float(engine.train_batch(data_iter))
+        except ShardReadError as e:  # this rank stops; the launcher then ends the others
+            return _data_error(e, rank, bar, dog), engine, adv
+        except RuntimeError as e:
+            if not peer_gone(e):
+                raise
+            bar.close()  # one line instead of a traceback: the peer's own line says why it ended
+            print(f"error: rank {rank}: a peer rank ended during step {step} (its own error says why)",
+                  file=sys.stderr, flush=True)
+            dog.stop()
+            return 2, engine, adv
         adv_metrics = adv.after_batch(step) if adv is not None else {}
         bad = divergence.first_problem(engine, rank, world, engine.is_last_stage())
         stop = pre.agreed(rank, world)  # a signal to any rank: save after this step and exit
@@ -256,9 +332,12 @@ def run(args: argparse.Namespace):
         if log and (step % cfg.train.log_every == 0 or last or step == start + 1):
             log.write("train", step, loss=loss, lr=engine.get_lr()[0], **adv_metrics)
         if stop is None and val_cases and (last or (cfg.train.val_every and step % cfg.train.val_every == 0)):
-            dice, largest = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp,
-                                     roi=cfg.data.patch, micro_batch=topo.micro_batch,
-                                     overlap=cfg.train.val_overlap, on_progress=dog.pet)
+            try:
+                dice, largest = validate(engine, reader, val_cases, dp_rank=dp_rank, dp_size=topo.dp,
+                                         roi=cfg.data.patch, micro_batch=topo.micro_batch,
+                                         overlap=cfg.train.val_overlap, on_progress=dog.pet)
+            except ShardReadError as e:
+                return _data_error(e, rank, bar, dog), engine, adv
             dog.pet()
             if log:
                 log.write("val", step, dice=dice, dice_largest_component=largest)
@@ -270,7 +349,14 @@ def run(args: argparse.Namespace):
             began = time.monotonic()
             if stop is not None:
                 pre.saving()  # a second signal from now on ends the rank at once
-            save(engine, run, step, sampler, adv)
+            try:
+                save(engine, run, step, sampler, adv)
+            except SaveError as e:  # every rank raises it, after the same collectives
+                bar.close()
+                if rank == 0:
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+                dog.stop()
+                return 2, engine, adv
             pre.done()
             dog.pet()
         if stop is not None:
