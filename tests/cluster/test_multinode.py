@@ -6,8 +6,9 @@ launcher per node, gloo across the veth pair. Stage 0 lives on node1 and stage 1
 pipeline send crosses the nodes; ZeRO-1 reduces within each node's stage.
 
 A reference run trains uninterrupted. A second run folder then goes through a killed rank, a killed
-node and a hung (SIGSTOPped) rank, each launch resuming from what the failure before it left; each
-failure must end the job non-zero within 60 s. A last ``--resume``, with a half-written checkpoint
+node, a hung (SIGSTOPped) rank and a SIGTERM to one node's launcher (a preemption: every rank saves),
+each launch resuming from what the failure before it left; each failure must end the job non-zero
+within 60 s. A last ``--resume``, with a half-written checkpoint
 lying beyond ``latest``, must finish the run with exactly the reference run's losses. The failure
 tests share that folder and run in file order.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 
 from ds_seg3d import checkpoint as ckpt
@@ -293,6 +295,31 @@ def test_a_hung_rank_is_ended_by_the_watchdog(cluster: SimCluster, setup: dict) 
     assert all(not rank_pids(cluster.c, n) for n in cluster.c.nodes)
 
 
+def test_sigterm_to_one_nodes_launcher_saves_on_every_rank(cluster: SimCluster, setup: dict) -> None:
+    """Node2's launcher forwards SIGTERM to its two ranks; all four agree to stop after the same step, save
+    it together (manifest, then ``latest``) and end; the resume below continues from that checkpoint."""
+    run = setup["failing"]
+    seen = len(read_metrics(run))
+    job, start = _launch_failing(cluster, setup, "preempted")
+    ranks = _ranks_on(cluster, job)
+    _wait_for_new_checkpoint(job, run, start)
+    launcher = psutil.Process(ranks["node2"][2]).parent()
+    assert "deepspeed.launcher.launch" in " ".join(launcher.cmdline())
+    t0 = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    elapsed = _assert_fails_fast(job, t0)
+    print(f"preempted: job ended {elapsed:.1f} s after SIGTERM to node2's launcher")
+    lines = [line for line in job.text().splitlines() if "preempted: SIGTERM on rank" in line]
+    assert len(lines) == 1, job.tail()
+    step = int(lines[0].split("stopped after step ")[1].split()[0])
+    assert f"saved checkpoint {ckpt.step_tag(step)}" in lines[0]
+    assert ckpt.latest_tag(run) == ckpt.step_tag(step) and ckpt.damage(run, ckpt.step_tag(step)) is None
+    assert max(r["step"] for r in read_metrics(run)[seen:] if r["kind"] == "train") == step
+    if start:
+        _assert_resumed_after(run, seen, start)
+    assert all(not rank_pids(cluster.c, n) for n in cluster.c.nodes)
+
+
 def test_resume_after_the_failures_skips_a_partial_checkpoint_and_matches(
         cluster: SimCluster, setup: dict, reference: dict) -> None:
     run = setup["failing"]
@@ -301,11 +328,12 @@ def test_resume_after_the_failures_skips_a_partial_checkpoint_and_matches(
     start = _step(latest)
     assert start < STEPS, "the failures came too late to leave work for the resume"
     # A save that died half-way: a tag folder beyond `latest` with some files, one cut short.
-    partial = ckpt.checkpoint_root(run) / ckpt.step_tag(start + EVERY)
+    beyond = (start // EVERY + 1) * EVERY  # the next periodic checkpoint (a preemption saves at any step)
+    partial = ckpt.checkpoint_root(run) / ckpt.step_tag(beyond)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     for i in range(3):
-        src = ckpt.checkpoint_root(reference["run"]) / ckpt.step_tag(start + EVERY) / f"layer_{i:02d}-model_states.pt"
+        src = ckpt.checkpoint_root(reference["run"]) / ckpt.step_tag(beyond) / f"layer_{i:02d}-model_states.pt"
         data = src.read_bytes()
         (partial / src.name).write_bytes(data if i else data[: len(data) // 2])
     assert ckpt.latest_tag(run) == latest
