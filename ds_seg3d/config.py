@@ -114,6 +114,9 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end); 0: only at the end."""
     log_every: int = 10
     """Write a metrics line every N steps."""
+    max_skipped_steps: int = 32
+    """Stop the run when fp16's loss scaler skips this many optimizer steps in a row (0: never); a fresh
+    run skips one step per halving of the initial scale (16 for DeepSpeed's default 2^16)."""
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -127,6 +130,8 @@ class TrainConfig:
         if not 0.0 <= self.val_overlap < 1.0:
             raise ValueError(f"train.val_overlap must be in [0, 1), got {self.val_overlap}")
         # Checked here because the loop would otherwise fail only after the engines are built.
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
         for name in ("val_every", "checkpoint_every", "val_max_cases"):

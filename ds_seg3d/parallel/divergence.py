@@ -6,6 +6,11 @@ optimizer step (a non-finite gradient turns them non-finite; the loss would show
 later, after a checkpoint of the bad weights). One all-reduce of a single number per step (the lowest
 rank that found something, and what) tells every rank the same verdict, so all of them stop at the same
 step and the job ends with one line and ``EXIT_CODE``.
+
+With fp16, an overflowing step is skipped rather than applied (the weights stay finite and the loss
+scale halves); ``SkippedSteps`` counts such steps in a row from the engine's running total, which every
+rank sees alike (DeepSpeed agrees on the overflow across ranks), and a run that skips too many in a row
+stops the same way.
 """
 from __future__ import annotations
 
@@ -46,4 +51,23 @@ def first_problem(engine, rank: int, world: int, loss_is_mine: bool) -> tuple[in
 
 def message(step: int, rank: int, what: str, stage: int, last_good: str | None) -> str:
     return (f"error: step {step}: non-finite {what} on rank {rank} (stage {stage}); "
+            f"last good checkpoint: {last_good or 'none'}")
+
+
+class SkippedSteps:
+    """Optimizer steps skipped in a row, from the engine's running total of skipped steps."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self._total, self.in_a_row = limit, total, 0
+
+    def update(self, total: int) -> bool:
+        """Feed the total after a step; True once ``limit`` steps in a row were skipped (never if 0)."""
+        self.in_a_row = self.in_a_row + 1 if total > self._total else 0
+        self._total = total
+        return self.limit > 0 and self.in_a_row >= self.limit
+
+
+def skipped_message(step: int, in_a_row: int, scale: float | None, last_good: str | None) -> str:
+    at = f" (loss scale {scale:g})" if scale is not None else ""
+    return (f"error: step {step}: {in_a_row} fp16 overflow steps skipped in a row{at}; "
             f"last good checkpoint: {last_good or 'none'}")

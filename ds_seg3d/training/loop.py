@@ -299,6 +299,7 @@ def run(args: argparse.Namespace):
         print(topo.describe(), flush=True)
     dog = watchdog.Watchdog(bound_s, rank).start()
     pre = preemption.Preemption(stop_signals, args.preempt_exit_code).install()
+    skipped = divergence.SkippedSteps(cfg.train.max_skipped_steps, engine.skipped_steps)
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     for step in range(start + 1, cfg.train.steps + 1):
         if adv is not None:
@@ -323,6 +324,14 @@ def run(args: argparse.Namespace):
             bar.close()
             if rank == 0:
                 print(divergence.message(step, *bad, topo.stage_of(bad[0]), ckpt.latest_tag(run)),
+                      file=sys.stderr, flush=True)
+            dog.stop()
+            return divergence.EXIT_CODE, engine, adv
+        if skipped.update(engine.skipped_steps):  # fp16 only; the same count on every rank
+            bar.close()
+            if rank == 0:
+                scale = getattr(engine.optimizer, "loss_scale", None)
+                print(divergence.skipped_message(step, skipped.in_a_row, scale, ckpt.latest_tag(run)),
                       file=sys.stderr, flush=True)
             dog.stop()
             return divergence.EXIT_CODE, engine, adv
