@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt  # extras (nnunetv2's torchvision) must not replace torch
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,bench]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,5 +1,5 @@
 """``python -m data_tools`` / ``data-tools``: offline dataset tools (phantoms, build-shards, inspect, halves,
-regrid).
+regrid, export-nnunet).
 
 Bad input ends with one line, ``error: <path>: <problem>``, on stderr and exit status 2, never a traceback:
 the person fixing it needs the file and the reason, not the call stack.
@@ -10,18 +10,19 @@ import argparse
 import sys
 from typing import Sequence
 
-from data_tools import build_shards, halves, inspect_shards, phantoms, regrid
+from data_tools import build_shards, export_nnunet, halves, inspect_shards, phantoms, regrid
 from ds_seg3d.data.errors import DataError
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data-tools", description="Offline dataset tools: phantoms, build-shards, inspect, halves, regrid.")
+    parser = argparse.ArgumentParser(prog="data-tools", description="Offline dataset tools: phantoms, build-shards, inspect, halves, regrid, export-nnunet.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     phantoms.register(sub)
     build_shards.register(sub)
     inspect_shards.register(sub)
     halves.register(sub)
     regrid.register(sub)
+    export_nnunet.register(sub)
     return parser
 
 

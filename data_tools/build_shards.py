@@ -334,7 +334,7 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
     jobs = [(c, label_map, opts, case_seed(seed, c.case_id)) for c in cases]
     shards, entries = _write_shards(out, source.name, cases, jobs, codec, chunk, cases_per_shard, workers)
     manifest = {
-        "name": source.name, "modality": modality, "labels": dict(label_map.names),
+        "name": source.name, "modality": modality, "labels": dict(label_map.names), "label_mapping": mapping,
         "source_layout": source.layout, "source": str(src.resolve()), "target_spacing": list(target),
         "codec": codec, "chunk": chunk, "normalisation": _normalisation(opts),
         "shards": shards, "cases": entries, "splits": splits, "fingerprint": fingerprint,
