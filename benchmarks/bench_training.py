@@ -102,7 +102,7 @@ def summarise(single: dict, pipe: list[dict]) -> dict:
             "loss_rel": loss_rel,
             "core": float(np.median([r["cpu"] / r["s"] for r in s["steps"]])),
             "pipe": pipe_s, "eff": {m: single_s[m][0] / pipe_s[m][0] / STAGES for m in MS},
-            "ceiling": {m: ceiling(cand["ds"], cand["joint"], m) for m in MS},
+            "ceiling": {m: ceiling(cand["joint"], cand["joint"], m) for m in MS},
             "stage_parts": [{m: med_parts([r for r in p["steps"] if r["m"] == m]) for m in MS} for p in (p0, p1)],
             "crossing_bytes": p0["crossing_bytes"], "ping_pong_s": p0["ping_pong_s"],
         }
@@ -177,12 +177,15 @@ def report(res: dict, args: argparse.Namespace, command: str, loads: list[str], 
         f"Speed-up S(m) = T_single(m) / T_pipe(m): T_single is the single-stage engine above (1 rank, one core, "
         f"same m), T_pipe the slower rank's step; efficiency E = S / p, p = {STAGES}. With balanced stages and free "
         f"communication 1F1B gives E = m / (m + p - 1) (*ideal*). *ceiling* puts the stage times t_s (each stage's "
-        f"forward + backward of one micro-batch, alone on one core, the way DeepSpeed runs it) into the same model: "
-        f"m·t_1 / (p·(Σt + (m - 1)·max t)), t_1 being one unsplit micro-batch. Target (ours): E >= 0.9 x ideal. The "
-        f"split is DeepSpeed's `uniform` or `parameters`, whichever has the faster slowest stage (*one autograd "
-        f"call*: the same stages with the tuple back-propagated in one call):", "",
-        *table("model | partition | boundaries | stage s as DeepSpeed runs them | one autograd call | max / mean | "
-               "chosen", [[n, k, cd["parts"], sl(cd["ds"]), sl(cd["joint"]), f"{max(cd['ds']) / np.mean(cd['ds']):.2f}",
+        f"forward + backward of one micro-batch, alone on one core, back-propagated in one autograd call as "
+        f"ds-seg3d's engine does) into the same model: m·t_1 / (p·(Σt + (m - 1)·max t)), t_1 being one unsplit "
+        f"micro-batch. Target (ours): E >= 0.9 x ideal. The split is DeepSpeed's `uniform` or `parameters` or "
+        f"ds-seg3d's `time` (each layer's forward + backward timed, the slowest stage minimised), whichever has the "
+        f"faster slowest stage in one autograd call (*stock DeepSpeed*: the same stages with each output "
+        f"back-propagated on its own, as DeepSpeed 0.19.8's engine does):", "",
+        *table("model | partition | boundaries | stage s, one autograd call | stock DeepSpeed | max / mean | "
+               "chosen", [[n, k, cd["parts"], sl(cd["joint"]), sl(cd["ds"]),
+                           f"{max(cd['joint']) / np.mean(cd['joint']):.2f}",
                            "yes" if k == r["method"] else ""] for n, r in res.items()
                           for k, cd in r["candidates"].items()]), "",
         *table("model | m | T_single s | T_pipe s | S | E | ideal | ceiling | E / ideal | target",
@@ -196,7 +199,7 @@ def report(res: dict, args: argparse.Namespace, command: str, loads: list[str], 
         "loading, schedule, loss broadcast, monitor.", "",
         *table("model | m | stage | compute | core | alone | p2p | step | other",
                [[n, m, st, f"{p['compute']:.3f}", f"{p['compute_cpu'] / p['compute']:.0%}",
-                 f"{m * r['cand']['ds'][st]:.3f}", *(f"{p[k]:.3f}" for k in ("p2p", "step", "other"))]
+                 f"{m * r['cand']['joint'][st]:.3f}", *(f"{p[k]:.3f}" for k in ("p2p", "step", "other"))]
                 for n, r in res.items() for m in MS for st, p in enumerate(sp[m] for sp in r["stage_parts"])]),
         "", "What limits the numbers (from this run):", "", *limits(res), "",
         f"![pipeline efficiency vs micro-batches]({png})", ""]
@@ -216,15 +219,15 @@ def limits(res: dict) -> list[str]:
                    f"clipping, {r['optimizer']}, parameters copied back) takes {r['opt_step'][0] * 1e3:.1f} ms against "
                    f"{r['opt_step'][1] * 1e3:.1f} ms plain (medians over all steps).")
         s0, s1 = r["stage_parts"][0][m], r["stage_parts"][1][m]
-        t, j = r["cand"]["ds"], r["cand"]["joint"]
+        t, stock = r["cand"]["joint"], r["cand"]["ds"]
         line = (f"- **{n}, pipeline at m = {m}** (E = {r['eff'][m]:.2f}, ideal {m / (m + STAGES - 1):.2f}): the "
                 f"{r['method']} split runs its stages in {t[0]:.3f} / {t[1]:.3f} s per micro-batch (alone), which caps "
                 f"E at {r['ceiling'][m]:.2f}.")
-        if j[0] < 0.95 * t[0]:
-            line += (f" Stage 0 sends {r['cand']['crossing']} tensors (U-Net skips) and DeepSpeed 0.19.8 "
+        if t[0] < 0.95 * stock[0]:
+            line += (f" Stage 0 sends {r['cand']['crossing']} tensors (U-Net skips); stock DeepSpeed 0.19.8 "
                      f"back-propagates them one at a time with `retain_graph`, re-traversing the encoder graph they "
-                     f"share: {t[0]:.3f} s against {j[0]:.3f} s in one autograd call (ceiling then "
-                     f"{ceiling(j, j, m):.2f}).")
+                     f"share ({stock[0]:.3f} s for stage 0, ceiling {ceiling(stock, t, m):.2f}); ds-seg3d's engine "
+                     f"does one autograd call.")
         share = [sp["compute_cpu"] / sp["compute"] for sp in (s0, s1)]
         per_cpu = [sp["compute_cpu"] / (m * tt) for sp, tt in zip((s0, s1), t)]
         out.append(line + f" The boundary carries {r['crossing_bytes'] / 2**20:.1f} MiB per micro-batch; a gloo "
@@ -291,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         launch(1, ["--role", "single", *common], work, steps, "1 rank: single stage + plain")
         single = json.loads((work / "single.json").read_text())
-        # the DeepSpeed method whose slowest stage, as DeepSpeed runs it, is fastest (uniform on a tie)
-        methods = [min(c, key=lambda k: max(c[k]["ds"])) for c in (single[n]["candidates"] for n in args.models)]
+        # the method whose slowest stage, in one autograd call as ds-seg3d's engine runs it, is fastest
+        methods = [min(c, key=lambda k: max(c[k]["joint"])) for c in (single[n]["candidates"] for n in args.models)]
         loads.append(load())
         launch(STAGES, ["--role", "pipe", *common, "--partitions", *methods], work, steps, "2 ranks: 2-stage pipe")
         pipe = [json.loads((work / f"pipe_rank{r}.json").read_text()) for r in range(STAGES)]

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from ds_seg3d.models import DeepCNNConfig, UNet3DConfig, as_tuple, build_layers, build_sequential  # noqa: E402
+from ds_seg3d.parallel.timing import layer_seconds, time_partition  # noqa: E402
 from ds_seg3d.training.losses import DiceCELoss  # noqa: E402
 
 DS_CONFIG = ROOT / "ds_configs" / "pipeline_zero1_cpu_fp32.json"
@@ -108,7 +109,8 @@ def instrument(engine: Any) -> dict[str, list[float]]:
     return acc
 
 
-def build_engine(name: str, stages: int, method: str, work: Path) -> tuple[Any, dict, Any]:
+def build_engine(name: str, stages: int, method: str, work: Path,
+                 boundaries: list[int] | None = None) -> tuple[Any, dict, Any]:
     """The shipped ZeRO-1 config and seeded layers, built the way ``ds_seg3d.train`` builds them."""
     from deepspeed import comm as dist
 
@@ -125,7 +127,8 @@ def build_engine(name: str, stages: int, method: str, work: Path) -> tuple[Any, 
     topo = Topology(dist.get_world_size(), stages, micro_batch=1, grad_accum=MS[0])
     cfg = fill_batch_fields(load_ds_config(DS_CONFIG), topo)
     cfg["csv_monitor"].update(output_path=str(work / "monitor"), job_name=f"{name}_{stages}")
-    module = build_pipeline(build_layers(name, MODELS[name]), topo, DiceCELoss(), partition_method=method, seed=SEED)
+    module = build_pipeline(build_layers(name, MODELS[name]), topo, DiceCELoss(), partition_method=method, seed=SEED,
+                            boundaries=boundaries)
     return initialize_pipeline(module, cfg), cfg, module
 
 
@@ -194,7 +197,8 @@ def run_single(args: argparse.Namespace, work: Path) -> None:
         steps = rounds(args, work, step)
         counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in plain]
         candidates = {"uniform": [int(b) for b in partition_uniform(len(defs), STAGES)],
-                      "parameters": [int(b) for b in partition_balanced(counts, STAGES)]}
+                      "parameters": [int(b) for b in partition_balanced(counts, STAGES)],
+                      "time": time_partition(layer_seconds(defs, (1, 1, *PATCH), seed=SEED), STAGES)}
         timed: dict[str, dict] = {}
         for method, parts in candidates.items():
             same = next((t for t in timed.values() if t["parts"] == parts), None)
@@ -227,8 +231,9 @@ def run_pipe(args: argparse.Namespace, work: Path) -> None:
     from deepspeed import comm as dist
 
     data, result = micro_batches(max(MS)), {}
+    single = json.loads((work / "single.json").read_text())  # the split the single role timed, not a re-timing
     for name, method in zip(args.models, args.partitions):
-        engine, _, module = build_engine(name, STAGES, method, work)
+        engine, _, module = build_engine(name, STAGES, method, work, single[name]["candidates"][method]["parts"])
         acc, parts = instrument(engine), [int(p) for p in module.parts]
 
         def step(m: int, r: int) -> list[dict]:
@@ -259,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (each runs every m once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at m = 1 first")
-    p.add_argument("--partitions", nargs="+", help="DeepSpeed partition method per model (--role pipe)")
+    p.add_argument("--partitions", nargs="+", help="partition method per model (--role pipe)")
     p.add_argument("--work", type=Path, required=True, help="folder for the results and the progress count")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)

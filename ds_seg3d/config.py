@@ -94,8 +94,9 @@ class TrainConfig:
     stages: int = 2
     """Pipeline stages; must divide the number of ranks. The rest is data parallel."""
     partition: str = "memory"
-    """How layers are split over stages: "memory" (activation bytes x in-flight micro-batches),
-    or DeepSpeed's own "parameters" / "uniform"."""
+    """How layers are split over stages: "memory" (activation bytes x in-flight micro-batches), "time"
+    (each layer's forward + backward timed, the slowest stage minimised) or DeepSpeed's own
+    "parameters" / "uniform"."""
     activation_checkpoint_interval: int = 0
     """Recompute activations in the backward pass every N layers (0: off)."""
     seed: int = 1234
@@ -123,8 +124,8 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.stages < 1:
             raise ValueError(f"train.stages must be >= 1, got {self.stages}")
-        if self.partition not in ("memory", "parameters", "uniform"):
-            raise ValueError(f"train.partition must be memory, parameters or uniform, got {self.partition!r}")
+        if self.partition not in ("memory", "time", "parameters", "uniform"):
+            raise ValueError(f"train.partition must be memory, time, parameters or uniform, got {self.partition!r}")
         if self.activation_checkpoint_interval < 0:
             raise ValueError("train.activation_checkpoint_interval must be >= 0")
         if not 0.0 <= self.val_overlap < 1.0:

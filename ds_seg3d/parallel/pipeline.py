@@ -8,9 +8,9 @@ device: weights do not depend on the split, and pipelined and single-device runs
 
 DeepSpeed 0.19.8 partitions by ``"parameters"``, ``"uniform"`` or ``"type:<regex>"``; its
 ``"profile"`` method raises ``NotImplementedError`` and there is no hook for explicit boundaries.
-``"memory"`` is therefore a ``PipelineModule`` subclass whose ``_partition_layers`` installs the
-boundaries computed by ``ds_seg3d.parallel.partition`` (the method DeepSpeed's constructor calls
-before building any layer). The same subclass repairs DeepSpeed's own methods for seeded builds
+``"memory"`` and ``"time"`` are therefore a ``PipelineModule`` subclass whose ``_partition_layers``
+installs the boundaries computed by ``ds_seg3d.parallel.partition`` or ``ds_seg3d.parallel.timing``
+(the method DeepSpeed's constructor calls before building any layer). The same subclass repairs DeepSpeed's own methods for seeded builds
 (see ``PartitionedPipelineModule``).
 
 Activation checkpointing uses DeepSpeed's non-reentrant variant. The pipe engine back-propagates
@@ -24,14 +24,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from deepspeed import comm as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
 from ds_seg3d.parallel.partition import LayerLike, check_boundaries, partition_table, profile_partition, stage_profile
+from ds_seg3d.parallel.timing import layer_seconds, stage_seconds, time_partition
 from ds_seg3d.parallel.topology import Topology
 
-PARTITION_METHODS = ("parameters", "uniform", "memory")
+PARTITION_METHODS = ("parameters", "uniform", "memory", "time")
 
 
 class PartitionedPipelineModule(PipelineModule):
@@ -108,10 +110,11 @@ def build_pipeline(
         num_stages: pipeline stages (must equal ``topology.stages`` when both are given), or the
             run's ``Topology`` itself.
         loss_fn: ``loss_fn(outputs, labels)`` on the last stage.
-        partition_method: ``"parameters"`` / ``"uniform"`` (DeepSpeed's) or ``"memory"``
-            (activation bytes x in-flight micro-batches, see ``partition.py``).
-        sample_shape: one micro-batch of input, ``(B, C, X, Y, Z)``; required for ``"memory"``
-            and, when given, used to print predicted bytes per stage for any method.
+        partition_method: ``"parameters"`` / ``"uniform"`` (DeepSpeed's), ``"memory"``
+            (activation bytes x in-flight micro-batches, see ``partition.py``) or ``"time"`` (each
+            layer's forward + backward timed on rank 0, the slowest stage minimised, see ``timing.py``).
+        sample_shape: one micro-batch of input, ``(B, C, X, Y, Z)``; required for ``"memory"`` and
+            ``"time"`` and, when given, used to print predicted bytes per stage for any method.
         profile_shape: shape to profile at (scaled to ``sample_shape``); by default a reduced
             shape the network accepts (see ``stage_profile``).
         micro_batches: micro-batches per step (in-flight count); defaults to
@@ -142,8 +145,9 @@ def build_pipeline(
         raise ValueError(f"{len(defs)} layers cannot fill {num_stages} stages; use at most {len(defs)} stages")
     if activation_checkpoint_interval < 0:
         raise ValueError(f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}")
-    if partition_method == "memory" and sample_shape is None:
-        raise ValueError("partition_method='memory' needs sample_shape (one micro-batch, e.g. (1, 1, 64, 64, 64))")
+    if partition_method in ("memory", "time") and sample_shape is None and boundaries is None:
+        raise ValueError(f"partition_method={partition_method!r} needs sample_shape (one micro-batch, "
+                         "e.g. (1, 1, 64, 64, 64))")
 
     # Every rank computes the same profile (deterministic in the shapes), so the boundaries agree
     # without a broadcast; for DeepSpeed's methods only rank 0 profiles, to print the prediction.
@@ -165,11 +169,23 @@ def build_pipeline(
     elif partition_method == "memory":
         boundaries = profile_partition(profile, num_stages, micro_batches)
         module = PartitionedPipelineModule(specs, boundaries, **common)
+    elif partition_method == "time":
+        # timings differ between ranks: rank 0 measures, every rank takes its boundaries
+        shared: list[Any] = [None]
+        if dist.get_rank() == 0:
+            seconds = layer_seconds(defs, sample_shape, seed=seed)
+            shared = [(time_partition(seconds, num_stages), seconds)]
+        tdist.broadcast_object_list(shared, src=0)
+        boundaries, seconds = shared[0]
+        module = PartitionedPipelineModule(specs, boundaries, **common)
     else:
         module = PartitionedPipelineModule(specs, None, partition_method=partition_method, **common)
 
     if dist.get_rank() == 0:
         print(f"pipeline partition ({partition_method}): boundaries={list(module.parts)}", flush=True)
+        if partition_method == "time":
+            per_stage = ", ".join(f"stage {i} {t:.3f} s" for i, t in enumerate(stage_seconds(seconds, module.parts)))
+            print(f"forward + backward of one micro-batch, measured on rank 0: {per_stage}", flush=True)
         if profile is not None:
             print(partition_table(profile, module.parts, micro_batches), flush=True)
     return module

@@ -87,3 +87,12 @@ def test_one_backward_walk_per_micro_batch_with_deepspeeds_own_gradients(tmp_pat
         for index, params in a["updates"].items():
             for name, values in params.items():
                 assert b["updates"][index][name] == pytest.approx(values, abs=1e-7), (index, name)
+
+
+def test_time_partition_is_rank_0s_on_both_ranks_and_matches(tmp_path):
+    """Timings differ between ranks: both stages must still be cut where rank 0's measurement says."""
+    results = _run(tmp_path, "--partition", "time", "--grad-accum", "2")
+    boundaries = results[0]["boundaries"]
+    assert boundaries == results[1]["boundaries"]
+    assert len(boundaries) == 3 and 0 < boundaries[1] < boundaries[2] == len(build_layers("unet3d", CFG))
+    _assert_equivalent(results, boundaries)
