@@ -109,8 +109,8 @@ def render(c: Comparison, out: Path, seed_list: list[int], write_md: Path | None
     # The first seed's set-up lines describe every seed (only the seed differs); its tables are replaced.
     setup = section(c, first_summary, runs[seed_list[0]][1]).split("\n\n| case |")[0]
     setup = setup.replace(f"; seed {first_summary['settings']['seed']}.", f"; seeds {', '.join(map(str, seed_list))}.")
-    body = [setup, f"- Seeds: {', '.join(map(str, seed_list))} (each its own phantoms, split and training); wall clock "
-            f"{minutes:.1f} min in all.", "", "Per seed (means over that seed's test cases):", "",
+    drawn = "its own phantoms, split and training" if c.phantoms else "its own split and training on the same data"
+    body = [setup, f"- Seeds: {', '.join(map(str, seed_list))} (each {drawn}); wall clock {minutes:.1f} min in all.", "", "Per seed (means over that seed's test cases):", "",
             *spread_table(c, runs), *verdict(c, runs)]
     decisions = [f"seed {seed} `{r['arm']}` " + (("applied to " + ", ".join(r["postprocessing"]["keep_largest"]))
                                                   if r["postprocessing"]["keep_largest"] else "not applied")
