@@ -105,14 +105,17 @@ def discriminator_step(engine, stash: list[tuple[torch.Tensor, torch.Tensor, tor
     losses, real_ok, fake_ok, count = 0.0, 0.0, 0.0, 0
     for images, probs, labels in stash:
         images, probs = images.to(device), probs.to(device)
-        real_seg = one_hot_labels(labels.to(device), num_classes).requires_grad_(gradient_penalty > 0)
+        real_seg = one_hot_labels(labels.to(device), num_classes)
         real_logits = engine(images, real_seg)
         fake_logits = engine(images, probs)
         loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits,
                                                          torch.full_like(real_logits, 1.0 - label_smoothing))
                       + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
         if gradient_penalty > 0:
-            grad, = torch.autograd.grad(real_logits.sum(), real_seg, create_graph=True)
+            # Through the bare module: DeepSpeed hooks the engine's outputs and refuses any backward through
+            # them (autograd.grad included) outside engine.backward when it runs ZeRO-0, as this engine does.
+            seg = real_seg.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(engine.module(images, seg).sum(), seg, create_graph=True)
             loss = loss + 0.5 * gradient_penalty * grad.pow(2).flatten(1).sum(1).mean()
         engine.backward(loss)
         engine.step()
