@@ -29,21 +29,11 @@ from ds_seg3d.parallel import divergence
 from ds_seg3d.paths import SAMPLE_CT
 from ds_seg3d.training.run_log import read_metrics
 from tests.launch import REPO_ROOT, deepspeed_launcher, free_port, run_deepspeed
+from tests.training.tiny_run import experiment
 
 pytestmark = pytest.mark.multirank
 
-EXPERIMENT = """
-[data]
-patch = [32, 32, 16]
-[model]
-name = "unet3d"
-params = { levels = 3, base_width = 4, max_width = 16, convs_per_level = 1 }
-[train]
-stages = 2
-val_every = 0
-checkpoint_every = 2
-log_every = 1
-"""
+EXPERIMENT = experiment(checkpoint_every=2)
 LINE = re.compile(r"^error: step (\d+): non-finite (loss|weights) on rank (\d+) \(stage (\d+)\); "
                   r"last good checkpoint: (\S+)$")
 

@@ -22,22 +22,12 @@ from ds_seg3d import checkpoint as ckpt
 from ds_seg3d.parallel import preemption
 from ds_seg3d.training.run_log import read_metrics
 from tests.launch import REPO_ROOT, deepspeed_launcher, free_port, run_deepspeed
+from tests.training.tiny_run import experiment
 
 pytestmark = pytest.mark.multirank
 
 STEPS, LONG = 24, 2000
-EXPERIMENT = """
-[data]
-patch = [32, 32, 16]
-[model]
-name = "unet3d"
-params = { levels = 3, base_width = 4, max_width = 16, convs_per_level = 1 }
-[train]
-stages = 2
-val_every = 0
-checkpoint_every = 0
-log_every = 1
-"""
+EXPERIMENT = experiment(checkpoint_every=0)
 LINE = re.compile(r"^preempted: (.+) on rank (\d+); stopped after step (\d+) and saved checkpoint (\S+) in "
                   r"[0-9.]+ s; exit status (\d+), continue with --resume$")
 
