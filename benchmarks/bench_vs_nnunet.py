@@ -184,11 +184,11 @@ def ds_arm(args, arm: str, cfg: str, folder: Path, test_images: list[str]) -> di
     predict = run([sys.executable, "-m", "ds_seg3d", "predict", "--checkpoint", str(run_dir), "--out", str(pred),
                    "--device", args.device, *test_images], folder / "predict.log", env)
     plan = json.loads((run_dir / "run.json").read_text())["plan"]
+    samples = ds_samples_per_step(args.deepspeed_config, args.ranks, args.stages)
     return {"train": train, "predict": predict, "s_per_iteration": ds_seconds_per_step(run_dir / "metrics.jsonl"),
             "plan": plan, "patch": plan["patch"], "widths": nnunet_runs.widths(
                 plan["params"]["levels"], plan["params"]["base_width"], plan["params"]["max_width"]),
-            "samples_per_step": ds_samples_per_step(args.deepspeed_config, args.ranks, args.stages),
-            "batch": ds_samples_per_step(args.deepspeed_config, args.ranks, args.stages) * (plan["patch"][2] if cfg == "2d" else 1),
+            "samples_per_step": samples, "batch": samples * (plan["patch"][2] if cfg == "2d" else 1),
             "postprocessing": ds_postprocessing(run_dir)}
 
 
@@ -226,12 +226,14 @@ class NnUNet:
         shutil.copyfile(self.root / "nnUNet_raw" / self.dataset / "splits_final.json", self.preprocessed / "splits_final.json")
 
     def preprocess(self, plans_name: str, configuration: str, log: Path) -> None:
+        """nnU-Net's preprocessing for one configuration, again only when its plan changed since the last one."""
+        config = json.loads((self.preprocessed / f"{plans_name}.json").read_text())["configurations"][configuration]
         marker = self.preprocessed / f".preprocessed-{plans_name}-{configuration}"
-        if marker.exists():
+        if marker.exists() and json.loads(marker.read_text()) == config:
             return
         self.cmd("nnUNetv2_preprocess", "-d", str(self.args.dataset_id), "-plans_name", plans_name,
                  "-c", configuration, "-np", "1", log=log)
-        marker.touch()
+        write_text_atomic(marker, json.dumps(config))
 
     def matched(self, configuration: str, run_plan: dict, samples_per_step: int) -> str:
         """Add ``configuration`` matched to ``run_plan`` to the matched plans file; returns the plans name."""
@@ -414,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ds_seg3d.data.shard_format import load_manifest
 
-    manifest = load_manifest(args.shards)
+    try:
+        manifest = load_manifest(args.shards)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     plans_file = args.shards / "plans.json"
     shard_plans = json.loads(plans_file.read_text())["configurations"] if plans_file.exists() else {}
     test = list(manifest["splits"]["test"])
