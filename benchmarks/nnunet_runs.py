@@ -1,10 +1,10 @@
-"""nnU-Net v2's own commands for ``bench_vs_nnunet.py``: its environment, plans matched to a ds-seg3d run, a budget trainer.
+"""What ``bench_vs_nnunet.py`` gives nnU-Net v2's own tools: their environment, plans matched to a ds-seg3d run, a budget trainer.
 
-Everything here drives the real nnU-Net (``nnunetv2`` from PyPI, the ``bench`` extra): its fingerprint,
-planner, preprocessor, trainer and predictor, through its command-line tools. What this module adds:
+The benchmark runs the real nnU-Net (``nnunetv2`` from PyPI, the ``bench`` extra) through its command-line
+tools: fingerprint, planner, preprocessor, trainer, post-processing and predictor. This module holds:
 
 - ``environment``: nnU-Net's folders (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``), its
-  data-augmentation processes and the trainer search path, for one child process only;
+  data-augmentation processes, torch.compile off and its threads, for one child process only;
 - ``matched_plans``: nnU-Net's plans with one configuration edited to a ds-seg3d run's spacing, patch,
   widths, per-axis strides and kernels and samples per step, so that both systems spend the same compute
   per iteration (``nnUNetv2_preprocess -plans_name`` then resamples to that spacing);
