@@ -33,13 +33,11 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,99 +46,17 @@ for p in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(p))
 
 import nnunet_runs
+from process_runs import run, tool
+from vs_nnunet_report import report
 
 from ds_seg3d.paths import shipped
 from ds_seg3d.results import machine, write_section, write_text_atomic
 
-SECTION = "## Phantom polycystic kidneys: ds-seg3d vs nnU-Net v2, same cases and budget"
 ARMS = {  # arm -> (system, configuration)
     "ds3d": ("ds-seg3d", "3d"), "ds2d": ("ds-seg3d", "2d"),
     "nnunet3d": ("nnU-Net", "3d_fullres"), "nnunet2d": ("nnU-Net", "2d"),
 }
 DS_TOML = {"3d": "experiments/kidney_demo.toml", "2d": "experiments/kidney_2d.toml"}
-
-
-class PeakMemory:
-    """Largest sum of proportional set sizes over a process and its descendants, sampled every ``period`` s."""
-
-    def __init__(self, pid: int, period: float = 1.0):
-        self.pid, self.period, self.peak = pid, period, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for proc in procs:
-            try:
-                total += proc.memory_full_info().pss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self.peak = max(self.peak, self._sample())
-
-    def __enter__(self) -> PeakMemory:
-        self.peak = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict:
-    """Run ``cmd`` in its own process group, output to ``log``; raises with the log's tail on failure.
-
-    Returns wall seconds and peak memory (bytes). An interrupt or error stops the whole group, so that no
-    nnU-Net worker or DeepSpeed rank outlives the benchmark.
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        fh.flush()
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            with PeakMemory(proc.pid) as mem:
-                rc = proc.wait()
-        finally:
-            _stop_group(proc)
-    wall = time.perf_counter() - start
-    if rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"{shlex.join(cmd[:3])} ... exited with {rc} (log {log}):\n{tail}")
-    return {"wall_s": wall, "peak_bytes": mem.peak}
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; stragglers of its group (workers) get the same signal
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if not path:
-        raise SystemExit(f"error: {name} not found: install the bench extra (pip install -e '.[bench]')")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ ds-seg3d
@@ -317,60 +233,6 @@ def evaluate(folder: Path, truth: Path, labels: dict[str, int]) -> dict:
     return {"cases": cases, "summary": summary}
 
 
-def _f(value, fmt: str = ".3f") -> str:
-    return "" if value in (None, "") else format(float(value), fmt)
-
-
-def report(args, done: dict[str, dict], info: dict) -> str:
-    m = info["machine"]
-    lines = [SECTION, "",
-             "Is ds-seg3d as good as nnU-Net? The same phantom cases and split, the same number of iterations, "
-             "nnU-Net v2 run by its own tools (fingerprint, planner, preprocessor, `nnUNetTrainer` with only the "
-             "epoch count and length changed, predictor with its test-time mirroring); every arm scored by "
-             "`ds-seg3d evaluate` against the same labels. "
-             + ("nnU-Net's plans are edited to the ds-seg3d plan's spacing, patch, widths, per-axis strides and "
-                "kernels and samples per iteration (`--plans matched`), so both do the same compute per iteration."
-                if args.plans == "matched" else "nnU-Net keeps its own plans (`--plans default`)."),
-             "", "```", info["command"], "```", "",
-             f"- Data: {info['cases']}; {len(info['test'])} test cases.",
-             f"- Budget: {args.iterations} iterations per arm (ds-seg3d: optimizer steps of {args.ranks} rank(s) as "
-             f"{args.stages} pipeline stage(s); nnU-Net: its iterations, one process, {args.threads} thread(s), "
-             "augmentation in the training process).",
-             f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, device {args.device}; Python "
-             f"{m['python']}, torch {m['torch']}, deepspeed {m['deepspeed']}, nnunetv2 {info['nnunetv2']}. "
-             f"Date: {info['date']}. Load average {m['load_avg'][0]} when the report was written. Wall clock of the arms "
-             f"(each with its planning, training, prediction and scoring) {sum(r['elapsed_s'] for r in done.values()) / 60:.1f} min.",
-             "", "| arm | system | configuration | patch (ds-seg3d: x y z; nnU-Net: its axis order) | batch (2D: slices) | widths | "
-             "train min | s / iteration | peak memory GiB | predict min | post-processing (decided on the val cases) | mean Dice | "
-             "mean HD95 mm | mean abs. volume error % | cases under 5 % |", "|" + "---|" * 15]
-    label = next(iter(info["labels"]))
-    for arm, rec in done.items():
-        system, cfg = ARMS[arm]
-        s = next(r for r in rec["score"]["summary"] if r["label"] == label)
-        n_under = round(float(s["share_under_5pct_volume_error"]) * int(s["n_cases"]))
-        lines.append(f"| {arm} | {system} | {cfg} | {' x '.join(map(str, rec['patch']))} | {rec['batch']} | "
-                     f"{'-'.join(map(str, rec['widths']))} | {rec['train']['wall_s'] / 60:.1f} | {rec['s_per_iteration']:.2f} | "
-                     f"{rec['train']['peak_bytes'] / 2**30:.2f} | {rec['predict']['wall_s'] / 60:.1f} | "
-                     f"{'; '.join(rec.get('postprocessing') or []) or 'none'} | {_f(s['dice_mean'])} | "
-                     f"{_f(s['hd95_mm_mean'], '.1f')} | {_f(s['abs_volume_error_pct_mean'], '.1f')} | {n_under}/{s['n_cases']} |")
-    lines += ["", "Per test case (Dice / volume error %):", "",
-              "| case | " + " | ".join(done) + " |", "|---|" + "---|" * len(done)]
-    by_case: dict[str, dict[str, dict]] = {}
-    for arm, rec in done.items():
-        for row in rec["score"]["cases"]:
-            if row["label"] == label:
-                by_case.setdefault(row["case"], {})[arm] = row
-    for case in sorted(by_case):
-        cells = [f"{_f(by_case[case][a]['dice'])} / {float(by_case[case][a]['volume_error_pct']):+.1f}"
-                 if a in by_case[case] else "" for a in done]
-        lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    lines += ["", "s / iteration: ds-seg3d, the median between consecutive logged steps (validations left out); "
-              "nnU-Net, the median epoch time (the first left out) over the epoch's iterations, which includes its "
-              f"validation iterations (1 per {nnunet_runs.VAL_RATIO}) and the epoch's checkpoint. Train min includes "
-              "start-up and each system's validations. Peak memory: the training process tree's summed PSS.", ""]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -475,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{' x '.join(map(str, manifest['target_spacing']))} mm",
             "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_vs_nnunet.py " + shlex.join(
                 sys.argv[1:] if argv is None else argv)}
-    text = report(args, {a: done[a] for a in args.arm_list if a in done}, info)
+    text = report(args, {a: done[a] for a in args.arm_list if a in done}, info, ARMS)
     write_text_atomic(args.out / "results.md", text + "\n")
     if args.write_md:
         write_section(args.write_md, text, intro="# Experiments\n")

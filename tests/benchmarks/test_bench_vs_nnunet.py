@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("nnunetv2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_vs_nnunet  # noqa: E402
+import vs_nnunet_report  # noqa: E402
 
 from ds_seg3d.__main__ import main as ds_main  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_both_systems_train_predict_and_are_scored_on_the_same_cases(kidney_shar
     assert not [k for k in os.environ if k.startswith("nnUNet_")]
 
     text = md.read_text()
-    assert "## Another section\n\nkept" in text and bench_vs_nnunet.SECTION in text
+    assert "## Another section\n\nkept" in text and vs_nnunet_report.SECTION in text
     for arm in arms:
         assert f"| {arm} |" in text
 
