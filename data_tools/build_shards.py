@@ -4,7 +4,8 @@ manifest last.
 Two passes over the cases, as nnU-Net plans and preprocesses: the first reads every case not held out
 for testing and records the dataset fingerprint (voxel spacings, shapes, and intensities sampled from
 the labelled voxels), from which CT normalisation takes its clip range, mean and standard deviation;
-the second preprocesses every case with them. The fingerprint goes into the manifest for planning.
+the second preprocesses every case with them. The fingerprint (``data_tools.fingerprint``) goes into
+the manifest for planning.
 The parent process is the only writer, so shard contents and order do not depend on ``workers``.
 A build that fails or is interrupted removes what it wrote; the manifest is written last and
 atomically, so a folder either holds a complete, checksummed dataset or no manifest at all.
@@ -18,21 +19,18 @@ import json
 import os
 import re
 import sys
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-import nibabel as nib
-import numpy as np
 from tqdm import tqdm
 
 from data_tools.cases import case_statistics, load_case
+from data_tools.fingerprint import case_seed, dataset_fingerprint, fingerprint_cases, median_spacing
 from data_tools.layouts import CaseSpec, LabelMap, SourceDataset, detect_layout, parse_label_map
 from data_tools.splits import make_splits
+from data_tools.workers import ordered_map
 from ds_seg3d.data.errors import DataError
-from ds_seg3d.data.geometry import component_count, voxel_spacing
-from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, foreground_intensities, preprocess_arrays
+from ds_seg3d.data.preprocess import IntensityProperties, PreprocessOptions, preprocess_arrays
 from ds_seg3d.data.shard_format import (
     CODECS,
     DEFAULT_CHUNK,
@@ -49,8 +47,6 @@ from ds_seg3d.data.shard_format import (
 from ds_seg3d.planning.plans import PLANS_NAME
 
 _TMP = ".tmp"
-INTENSITY_SAMPLES = 10000
-"""Foreground intensities drawn per training case for the fingerprint (nnU-Net's number)."""
 CT_NORMALISATIONS = ("dataset", "window")
 
 
@@ -73,54 +69,6 @@ def _is_own_file(name: str) -> bool:
     return base in (MANIFEST_NAME, PLANS_NAME, ".tmp-" + PLANS_NAME) or is_shard_name(base)
 
 
-def ras_spacing(path: Path) -> tuple[float, float, float]:
-    """Voxel size in RAS axis order from the NIfTI header alone (no voxel data is read).
-
-    Measured like the preprocessing measures ``original_spacing`` (affine column norms), so the median
-    matches the spacings the manifest reports.
-    """
-    try:
-        img = nib.load(str(path))
-        zooms = list(voxel_spacing(img.affine))
-        ornt = nib.orientations.io_orientation(img.affine)
-    except Exception as e:  # nibabel raises several types for unreadable headers
-        raise DataError(path, f"cannot read the NIfTI header ({type(e).__name__}: {e})".replace("\n", " ")) from None
-    if len(img.shape) < 3 or np.isnan(ornt).any():
-        raise DataError(path, "not a 3D volume with a usable orientation")
-    spacing = [0.0, 0.0, 0.0]
-    for voxel_axis, (world_axis, _flip) in enumerate(ornt):
-        spacing[int(world_axis)] = zooms[voxel_axis]
-    return spacing[0], spacing[1], spacing[2]
-
-
-def median_spacing(cases: Sequence[CaseSpec]) -> tuple[float, float, float]:
-    """The default target spacing: per RAS axis, the median voxel size of the images."""
-    sp = np.array([ras_spacing(c.image) for c in tqdm(cases, desc="headers", unit="case", disable=None)])
-    return tuple(round(float(v), 6) for v in np.median(sp, axis=0))  # type: ignore[return-value]
-
-
-def case_seed(seed: int, case_id: str) -> int:
-    """A per-case seed that depends on the case, not on its position, so adding a case changes no other."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{case_id}".encode()).digest()[:4], "little")
-
-
-def _measure(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[str, Any]:
-    """Worker of the first pass: a case's fingerprint (RAS spacing and shape, foreground intensities, each
-    label's connected components)."""
-    spec, label_map, opts, seed = job
-    try:
-        image, label, affine = load_case(spec, label_map, opts)
-    except DataError as e:
-        return "error", (e.path, e.problem)
-    ornt = nib.orientations.io_orientation(affine)
-    order = [int(world) for world, _ in ornt]
-    spacing, shape = [0.0] * 3, [0] * 3
-    for axis, world in enumerate(order):
-        spacing[world], shape[world] = float(voxel_spacing(affine)[axis]), int(image.shape[axis])
-    components = {name: component_count(label == value) for name, value in label_map.foreground.items()}
-    return "ok", (spacing, shape, foreground_intensities(image, label, INTENSITY_SAMPLES, seed), components)
-
-
 def _prepare(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[str, Any]:
     """Worker: statistics on the source grid, then the preprocessed record, from one read of the files.
 
@@ -136,31 +84,6 @@ def _prepare(job: tuple[CaseSpec, LabelMap, PreprocessOptions, int]) -> tuple[st
     except DataError as e:
         return "error", (e.path, e.problem)
     return "ok", (record, stats)
-
-
-def _ordered_map(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterator[Any]:
-    """Results in job order, with at most 2 x workers results waiting so memory stays bounded."""
-    if workers <= 1:
-        yield from map(fn, jobs)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future] = deque()
-        todo = iter(jobs)
-        try:
-            for job in todo:
-                pending.append(pool.submit(fn, job))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                for job in todo:
-                    pending.append(pool.submit(fn, job))
-                    break
-                yield result
-        finally:
-            for f in pending:
-                f.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fingerprint(options: dict[str, Any], case_ids: Iterable[str]) -> dict[str, Any]:
@@ -233,38 +156,6 @@ def _normalisation(opts: PreprocessOptions) -> dict[str, Any]:
             "crop_margin_mm": opts.crop_margin_mm}
 
 
-def _fingerprint_cases(splits: dict[str, Any], ids: Sequence[str]) -> list[str]:
-    """The cases the fingerprint reads: every case not held out for testing (train and validation)."""
-    test = set(splits.get("test") or [])
-    return [c for c in ids if c not in test]
-
-
-def dataset_fingerprint(cases: Sequence[CaseSpec], label_map: LabelMap, opts: PreprocessOptions, seed: int,
-                        workers: int) -> dict[str, Any]:
-    """Spacings and shapes (RAS, source grids), foreground intensity statistics and the median number of
-    connected components per label (``ds_seg3d.inference.postprocess``) of ``cases``."""
-    jobs = [(c, label_map, opts, case_seed(seed, c.case_id)) for c in cases]
-    spacings, shapes, samples, components = {}, {}, [], []
-    results = _ordered_map(_measure, jobs, workers)
-    try:
-        for spec, (status, payload) in tqdm(zip(cases, results), total=len(cases), desc="fingerprint",
-                                            unit="case", disable=None):
-            if status == "error":
-                raise DataError(*payload)
-            spacings[spec.case_id], shapes[spec.case_id], values, counts = payload
-            samples.append(values)
-            components.append(counts)
-    finally:
-        results.close()  # type: ignore[attr-defined]
-    intensity = IntensityProperties.of(np.concatenate(samples))
-    return {"cases": [c.case_id for c in cases], "spacings": spacings, "shapes": shapes,
-            "median_spacing": [float(v) for v in np.median(list(spacings.values()), axis=0)],
-            "median_shape": [float(v) for v in np.median(list(shapes.values()), axis=0)],
-            "foreground_intensity": intensity.to_json(), "samples_per_case": INTENSITY_SAMPLES,
-            "components": {name: int(np.round(np.median([c[name] for c in components])))
-                           for name in label_map.foreground}}
-
-
 def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str | None = None,
                  spacing: Sequence[float] | None = None, modality: str | None = None,
                  codec: str = DEFAULT_CODEC, chunk: int = DEFAULT_CHUNK, cases_per_shard: int = 16,
@@ -327,7 +218,7 @@ def build_shards(src: str | os.PathLike, out: str | os.PathLike, *, labels: str 
     _prepare_output(out, fingerprint)
 
     by_id = {c.case_id: c for c in cases}
-    dataset = dataset_fingerprint([by_id[c] for c in _fingerprint_cases(splits, ids)], label_map, opts, seed, workers)
+    dataset = dataset_fingerprint([by_id[c] for c in fingerprint_cases(splits, ids)], label_map, opts, seed, workers)
     if modality == "CT" and ct_normalisation == "dataset":
         opts = dataclasses.replace(opts, intensity=IntensityProperties.from_json(dataset["foreground_intensity"]))
 
@@ -376,7 +267,7 @@ def _write_shards(out: Path, name: str, cases: Sequence[CaseSpec], jobs: Sequenc
     written: list[Path] = []
     writer: ShardWriter | None = None
     members: list[str] = []
-    results = _ordered_map(_prepare, jobs, workers)
+    results = ordered_map(_prepare, jobs, workers)
     try:
         for spec, (status, payload) in tqdm(zip(cases, results), total=len(cases), desc="build-shards",
                                             unit="case", disable=None):

@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_tools.build_shards import build_shards, median_spacing
+from data_tools.build_shards import build_shards
+from data_tools.fingerprint import median_spacing
 from data_tools.inspect_shards import verify
 from data_tools.layouts import detect_layout
 from data_tools.phantoms import write_msd_dataset

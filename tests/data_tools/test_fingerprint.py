@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_tools.build_shards import INTENSITY_SAMPLES, build_shards, case_seed
+from data_tools.build_shards import build_shards
+from data_tools.fingerprint import INTENSITY_SAMPLES, case_seed
 from data_tools.phantoms import write_msd_dataset
 from ds_seg3d.data import shard_format as sf
 from ds_seg3d.data.geometry import component_count
