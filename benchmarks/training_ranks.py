@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -105,7 +106,8 @@ def instrument(engine: Any) -> dict[str, list[float]]:
             tot[0], tot[1] = tot[0] + w1 - w0, tot[1] + c1 - c0
         return run
 
-    engine._INSTRUCTION_MAP = {k: timed(v, k.__name__) for k, v in type(engine)._INSTRUCTION_MAP.items()}
+    # the instance map: ds-seg3d's engine puts its joint backward there (joint_backward.install)
+    engine._INSTRUCTION_MAP = {k: timed(v, k.__name__) for k, v in engine._INSTRUCTION_MAP.items()}
     return acc
 
 
@@ -162,9 +164,11 @@ def plain_step(model: Any, opt: Any, sched: Any, data: list, m: int, clip: float
             "parts": {"compute": w1 - w0, "compute_cpu": c1 - c0, "step": w2 - w1}}
 
 
-def rounds(args: argparse.Namespace, work: Path, step: Callable[[int, int], list[dict]]) -> list[dict]:
-    """Warm-up steps at m = 1 (oneDNN primitives, buffers), then rounds visiting every m, reversed every other."""
-    plan = [(MS[0], False)] * args.warmup + [(m, True) for r in range(args.rounds) for m in MS[::1 - 2 * (r % 2)]]
+def rounds(args: argparse.Namespace, work: Path, step: Callable[[int, int], list[dict]],
+           ms: Sequence[int] = MS) -> list[dict]:
+    """Warm-up steps at the smallest m (oneDNN primitives, buffers), then rounds visiting every m, reversed every
+    other."""
+    plan = [(ms[0], False)] * args.warmup + [(m, True) for r in range(args.rounds) for m in ms[::1 - 2 * (r % 2)]]
     out = []
     for i, (m, timed) in enumerate(plan):
         out += [rec for rec in step(m, i) if timed]
@@ -196,16 +200,18 @@ def run_single(args: argparse.Namespace, work: Path) -> None:
 
         steps = rounds(args, work, step)
         counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in plain]
+        seconds = layer_seconds(defs, (1, 1, *PATCH), seed=SEED)
         candidates = {"uniform": [int(b) for b in partition_uniform(len(defs), STAGES)],
                       "parameters": [int(b) for b in partition_balanced(counts, STAGES)],
-                      "time": time_partition(layer_seconds(defs, (1, 1, *PATCH), seed=SEED), STAGES)}
+                      "time": time_partition(seconds, STAGES)}
         timed: dict[str, dict] = {}
         for method, parts in candidates.items():
             same = next((t for t in timed.values() if t["parts"] == parts), None)
             t_ds, crossing = (same["ds"], same["crossing"]) if same else stage_times(defs, parts, data, joint=False)
             t_joint = same["joint"] if same else (stage_times(defs, parts, data, True)[0] if crossing > 1 else t_ds)
             timed[method] = {"parts": parts, "ds": t_ds, "joint": t_joint, "crossing": crossing}
-        result[name] = {"steps": steps, "optimizer": type(base).__name__, "params": sum(counts), "candidates": timed}
+        result[name] = {"steps": steps, "optimizer": type(base).__name__, "params": sum(counts), "candidates": timed,
+                        "zbv_parts": time_partition(seconds, 2 * STAGES)}  # torch's V schedule: 2 stages a rank
         del engine, step
         gc.collect()  # DeepSpeed engines hold reference cycles; free one before building the next
     write_json(work / "single.json", result)
@@ -243,13 +249,31 @@ def run_pipe(args: argparse.Namespace, work: Path) -> None:
         steps = rounds(args, work, step)
         with torch.no_grad():
             crossing = list(as_tuple(build_sequential(build_layers(name, MODELS[name])[:parts[1]])(data[0][0])))
-        result[name] = {"steps": steps, "stage": int(engine.stage_id), "parts": parts, "method": method,
-                        "crossing_bytes": sum(t.numel() * t.element_size() for t in crossing),
-                        "ping_pong_s": ping_pong(crossing, dist.get_rank())}
+        stage, ping = int(engine.stage_id), ping_pong(crossing, dist.get_rank())
         del engine, module, step
         gc.collect()  # DeepSpeed engines hold reference cycles; free one before building the next
+        peak = measure_peak(lambda: build_engine(name, STAGES, method, work, parts)[0],
+                            lambda e: ds_step(e, {}, data, max(MS)))
+        result[name] = {"steps": steps, "stage": stage, "parts": parts, "method": method, "peak": peak,
+                        "crossing_bytes": sum(t.numel() * t.element_size() for t in crossing), "ping_pong_s": ping}
     write_json(work / f"pipe_rank{dist.get_rank()}.json", result)
     dist.barrier()
+
+
+def measure_peak(build: Callable[[], Any], step: Callable[[Any], Any]) -> int:
+    """Peak live tensor bytes of one step, model states included: the profiler runs from before the build
+    (``PeakTracker``, as ``bench memory`` measures a rank)."""
+    from ds_seg3d.memory.measurement import PeakTracker
+
+    tracker = PeakTracker("cpu").start()
+    obj = build()
+    step(obj)  # buffers and oneDNN primitives first, as in any later step
+    with tracker.window("step"):
+        step(obj)
+    tracker.stop()
+    del obj
+    gc.collect()
+    return tracker.result("step").peak
 
 
 def write_json(path: Path, obj: Any) -> None:
