@@ -1,8 +1,9 @@
 """DeepSpeed's pipeline schedule for one stage, replayed in one process: what the stage holds, and when.
 
-What a stage holds is more than its layers' saved tensors: DeepSpeed's engine keeps a received copy
-of the input per in-flight micro-batch and clones it again for the forward pass, persistent
-receive and gradient buffers, the first stage's loaded images and the last stage's labels in
+What a stage holds is more than its layers' saved tensors: the engine keeps the received input per
+in-flight micro-batch (DeepSpeed's own receive path also a persistent receive buffer and a clone for
+the forward pass; ds-seg3d's engine receives into that one copy, see ``received_inputs``), gradient
+buffers, the first stage's loaded images and the last stage's labels in
 ``max(2, in-flight)`` pipe buffers, and the last stage's logits with the graph behind them until
 their buffer is reused (its backward pass returns before clearing them). On top of that, the
 backward pass has a working set (gradients of activations, the convolution's own buffers) that
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from ds_seg3d.memory.live_bytes import LiveBytes
 from ds_seg3d.memory.measurement import PeakTracker
 from ds_seg3d.models.layers import LayerDef, build_sequential
-from ds_seg3d.parallel import joint_backward
+from ds_seg3d.parallel import joint_backward, received_inputs
 from ds_seg3d.training.losses import DeepSupervisionLoss, DiceCELoss
 
 SEED = 1234
@@ -214,6 +215,9 @@ class StageReplay:
         return self.pool[idx].flatten()[:n].view(like.shape)
 
     def _recv_activation(self, buf: int) -> None:
+        if received_inputs.enabled():  # ds-seg3d's engine: received straight into fresh leaves, no buffer
+            self.buffers["inputs"][buf] = _detached_inputs(self.received)
+            return
         sent = _tensors(self.received)
         if self.recv_buf is None:  # allocated once, on the first receive
             self.recv_buf = [self._pooled(i, t) for i, t in enumerate(sent)]
@@ -223,7 +227,8 @@ class StageReplay:
         self.buffers["inputs"][buf] = _detached_inputs(recv)
 
     def _forward(self, buf: int) -> None:
-        outputs = self.forward(_clone(self.buffers["inputs"][buf]))
+        inputs = self.buffers["inputs"][buf]  # ds-seg3d's engine runs on them; DeepSpeed's own on clones
+        outputs = self.forward(inputs if received_inputs.enabled() else _clone(inputs))
         self.buffers["outputs"][buf] = outputs
         if self.last:
             self.loss = self.loss_fn(outputs, self.buffers["labels"][buf])

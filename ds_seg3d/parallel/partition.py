@@ -13,13 +13,14 @@ Cost model of one stage holding layers ``[a, b)`` with ``n`` micro-batches in fl
 
 ``saved_bytes`` counts each storage once, at the first layer that saves it for backward (a ReLU's
 output saved again by the next conv is not counted twice); ``input_bytes[a]`` is the stage's own
-copy of what it received (the pipe buffer DeepSpeed keeps until backward), which is where U-Net
-skips crossing a boundary show up. ``stage_fixed_bytes`` is what a stage holds once: receive and
-gradient buffers, the backward working set of its largest layer, and on the last stage the loss.
+copy of what it received (the leaf the engine keeps until backward), which is where U-Net
+skips crossing a boundary show up. ``stage_fixed_bytes`` is what a stage holds once: gradient
+buffers (and, with DeepSpeed's own receive path, its receive buffers), the backward working set of
+its largest layer, and on the last stage the loss.
 Parameters, gradients and optimizer states are reported apart. The planner
 (``ds_seg3d.memory.prediction``) replays each stage exactly; this model only has to rank splits.
 
-Pure torch: no DeepSpeed import, so the planner can use it without launching anything.
+Pure torch: no DeepSpeed import (``received_inputs`` imports it only inside the engine's instructions), so the planner can use it without launching anything.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ds_seg3d.parallel import received_inputs
 from ds_seg3d.parallel.topology import in_flight
 
 MIN_PROFILE_EDGE = 8
@@ -339,8 +341,10 @@ def stage_fixed_bytes(
 ) -> int:
     """Bytes a stage holding layers ``[start, stop)`` needs once per step, on top of its held micro-batches.
 
-    - a stage that receives (``start > 0``): DeepSpeed's persistent receive buffer and the clone of
-      the received input that its forward pass runs on, two inputs' worth;
+    - a stage that receives (``start > 0``), with DeepSpeed's own receive path only
+      (``DS_SEG3D_ONE_COPY=0``): its persistent receive buffer and the clone of the received input that
+      its forward pass runs on, two inputs' worth (ds-seg3d's engine receives into the one copy that
+      is counted per micro-batch, see ``received_inputs``);
     - a stage that sends (``stop < len(profile)``): the buffer the next stage's gradient arrives in;
     - the backward working set: while layer i runs backward, the gradients of its output, of its
       input and of its largest saved tensor are alive; the largest such sum over the stage counts;
@@ -353,7 +357,7 @@ def stage_fixed_bytes(
     """
     last = len(profile)
     fixed = 0
-    if start > 0:
+    if start > 0 and not received_inputs.enabled():
         fixed += 2 * profile[start].input_bytes
     if stop < last:
         fixed += profile[stop - 1].output_bytes

@@ -263,15 +263,18 @@ def _layer(saved, inp, out, largest=0):
                         largest_bytes=largest)
 
 
-def test_stage_fixed_bytes_terms():
+@pytest.mark.parametrize("one_copy", [True, False])
+def test_stage_fixed_bytes_terms(monkeypatch, one_copy):
+    monkeypatch.setenv("DS_SEG3D_ONE_COPY", "1" if one_copy else "0")
+    copies = 0 if one_copy else 2  # DeepSpeed's own receive path: receive buffer and forward clone
     prof = [_layer(30, 1, 2, 5), _layer(20, 2, 3, 7), _layer(10, 3, 4, 1)]
-    # first stage: no receive buffers; sends, so the next stage's gradient arrives in output[1]
+    # first stage: nothing received; sends, so the next stage's gradient arrives in output[1]
     assert stage_fixed_bytes(prof, 0, 2) == 3 + max(1 + 2 + 5, 2 + 3 + 7)
-    # middle: receive buffer and forward clone (2 x input), gradient buffer, working set
+    # middle: (receive buffer and forward clone), gradient buffer, working set
     middle = [_layer(1, 1, 1), *prof]
-    assert stage_fixed_bytes(middle, 1, 3) == 2 * 1 + 3 + max(1 + 2 + 5, 2 + 3 + 7)
+    assert stage_fixed_bytes(middle, 1, 3) == copies * 1 + 3 + max(1 + 2 + 5, 2 + 3 + 7)
     # last: the loss's logits-sized tensors instead of a gradient buffer
-    assert stage_fixed_bytes(prof, 2, 3, loss_tensors=5) == 2 * 3 + (3 + 4 + 1) + 5 * 4
+    assert stage_fixed_bytes(prof, 2, 3, loss_tensors=5) == copies * 3 + (3 + 4 + 1) + 5 * 4
     assert stage_fixed_bytes(prof, 0, 3, loss_tensors=0) == max(1 + 2 + 5, 2 + 3 + 7, 3 + 4 + 1)
 
 

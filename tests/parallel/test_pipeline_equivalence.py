@@ -72,16 +72,20 @@ def test_deep_supervision_logits_cross_the_pipe_and_train_as_on_one_device(tmp_p
     _assert_equivalent(results, [0, 6, 8], cfg=script.SUPERVISED)
 
 
-def test_one_backward_walk_per_micro_batch_with_deepspeeds_own_gradients(tmp_path):
-    """DeepSpeed 0.19.8 walks a stage's graph once per tensor it sent (the shared encoder once per skip);
-    ds_seg3d's joint backward walks it once, and every weight update is DeepSpeed's own."""
+def test_one_backward_walk_and_one_received_copy_with_deepspeeds_own_gradients(tmp_path):
+    """DeepSpeed 0.19.8 walks a stage's graph once per tensor it sent (the shared encoder once per skip), and
+    keeps a receive buffer, a stored clone and a forward clone of what a stage receives; ds_seg3d's engine
+    walks it once and runs the forward pass on the one stored copy, and every weight update is DeepSpeed's."""
     args = ("--partition", "uniform", "--grad-accum", "2")
-    stock = _run(tmp_path / "stock", *args, env={"DS_SEG3D_JOINT_BACKWARD": "0"})
+    stock = _run(tmp_path / "stock", *args, env={"DS_SEG3D_JOINT_BACKWARD": "0", "DS_SEG3D_ONE_COPY": "0"})
     joint = _run(tmp_path / "joint", *args)
     first_stock, first_joint = stock[0], joint[0]
     assert first_stock["crossing_tensors"] >= 2
     assert first_stock["first_layer_backward_walks"] == first_stock["crossing_tensors"] * 2  # per sent tensor
     assert first_joint["first_layer_backward_walks"] == 2  # once per micro-batch
+    # the receiving stage: DeepSpeed's forward runs on clones and its receive buffers stay allocated
+    assert stock[1]["forward_on_stored_inputs"] == [False, False] and stock[1]["receive_pool_bytes"] > 0
+    assert joint[1]["forward_on_stored_inputs"] == [True, True] and joint[1]["receive_pool_bytes"] == 0
     for a, b in zip(stock, joint):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-7)
         for index, params in a["updates"].items():

@@ -121,8 +121,18 @@ def main() -> None:
     pipe_initial = {i: copy.deepcopy(layer.state_dict()) for i, layer in local.items()}
     walks = [0]  # backward passes through this stage's first layer (stage 0: the encoder every skip shares)
     local[start].register_full_backward_hook(lambda *_: walks.__setitem__(0, walks[0] + 1))
+    on_stored = []  # per forward pass: does the stage run on the tensors the engine stored (no clone)?
+    holder: list = []
+
+    def same(a, b) -> bool:
+        return a is b or (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
+                          and all(x is y for x, y in zip(a, b)))
+
+    local[start].register_forward_pre_hook(lambda _, args: on_stored.append(
+        any(same(args[0], buf) for buf in holder[0].pipe_buffers["inputs"])))
 
     engine = initialize_pipeline(module, sgd_config(topology))
+    holder.append(engine)
     data = batches(topology)
     loss = float(engine.train_batch(iter(data)))
 
@@ -151,6 +161,8 @@ def main() -> None:
         "ref_loss": ref_loss,
         "layers": layers,
         "first_layer_backward_walks": walks[0],
+        "forward_on_stored_inputs": on_stored,
+        "receive_pool_bytes": sum(t.numel() * t.element_size() for t in engine._grad_layer_buf),
         "micro_batches": topology.grad_accum,
         "updates": {i: {k: (layer.state_dict()[k].float() - pipe_initial[i][k].float()).flatten()[:64].tolist()
                         for k in layer.state_dict()} for i, layer in local.items()},
