@@ -95,8 +95,11 @@ class TrainConfig:
     """Pipeline stages; must divide the number of ranks. The rest is data parallel."""
     partition: str = "memory"
     """How layers are split over stages: "memory" (activation bytes x in-flight micro-batches), "time"
-    (each layer's forward + backward timed, the slowest stage minimised) or DeepSpeed's own
-    "parameters" / "uniform"."""
+    (each layer's forward + backward timed, the slowest stage minimised), "balanced" (the fastest split
+    whose stages fit ``memory_budget_gb``) or DeepSpeed's own "parameters" / "uniform"."""
+    memory_budget_gb: float = 0.0
+    """Memory per rank, GiB, that every stage of a "balanced" split must fit (activations, pipe buffers,
+    weights, gradients and Adam's moments in the partition's cost model)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations in the backward pass every N layers (0: off)."""
     seed: int = 1234
@@ -124,8 +127,13 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.stages < 1:
             raise ValueError(f"train.stages must be >= 1, got {self.stages}")
-        if self.partition not in ("memory", "time", "parameters", "uniform"):
-            raise ValueError(f"train.partition must be memory, time, parameters or uniform, got {self.partition!r}")
+        if self.partition not in ("memory", "time", "balanced", "parameters", "uniform"):
+            raise ValueError("train.partition must be memory, time, balanced, parameters or uniform, got "
+                             f"{self.partition!r}")
+        if self.partition == "balanced" and not self.memory_budget_gb > 0:
+            raise ValueError("train.partition = \"balanced\" needs train.memory_budget_gb > 0 (GiB per rank)")
+        if self.memory_budget_gb < 0:
+            raise ValueError(f"train.memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if self.activation_checkpoint_interval < 0:
             raise ValueError("train.activation_checkpoint_interval must be >= 0")
         if not 0.0 <= self.val_overlap < 1.0:

@@ -138,6 +138,8 @@ def test_overrides_apply_on_top_of_file_in_order(tmp_path):
     (["train.steps=abc"], "train.steps"),
     (["train.stages=0"], "train.stages"),
     (["train.partition=greedy"], "train.partition"),
+    (["train.partition=balanced"], "train.memory_budget_gb"),
+    (["train.memory_budget_gb=-1"], "train.memory_budget_gb"),
     (["train.val_overlap=1.0"], "val_overlap"),
     (["train.val_overlap=-0.1"], "val_overlap"),
     (["train.activation_checkpoint_interval=-1"], "activation_checkpoint_interval"),

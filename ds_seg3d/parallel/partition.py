@@ -375,6 +375,13 @@ def profile_partition(
     Per micro-batch a stage holds ``input_bytes[start] + sum(saved_bytes[start:stop])``, times its
     in-flight count under 1F1B; once, it holds ``stage_fixed_bytes``.
     """
+    return minimax_split(len(profile), stages, activation_cost(profile, stages, micro_batches, loss_tensors))
+
+
+def activation_cost(
+    profile: Sequence[LayerProfile], stages: int, micro_batches: int, loss_tensors: float = LOSS_TENSORS
+) -> Callable[[int, int, int], int]:
+    """``cost(stage, start, stop)``: held micro-batches + ``stage_fixed_bytes`` of a stage in the cost model."""
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     factors = [in_flight(s, stages, micro_batches) for s in range(stages)]
@@ -384,7 +391,7 @@ def profile_partition(
         held = factors[stage] * (profile[a].input_bytes + prefix[b] - prefix[a])
         return held + stage_fixed_bytes(profile, a, b, loss_tensors)
 
-    return minimax_split(len(profile), stages, cost)
+    return cost
 
 
 def predicted_stage_bytes(

@@ -8,8 +8,9 @@ device: weights do not depend on the split, and pipelined and single-device runs
 
 DeepSpeed 0.19.8 partitions by ``"parameters"``, ``"uniform"`` or ``"type:<regex>"``; its
 ``"profile"`` method raises ``NotImplementedError`` and there is no hook for explicit boundaries.
-``"memory"`` and ``"time"`` are therefore a ``PipelineModule`` subclass whose ``_partition_layers``
-installs the boundaries computed by ``ds_seg3d.parallel.partition`` or ``ds_seg3d.parallel.timing``
+``"memory"``, ``"time"`` and ``"balanced"`` (time under a memory budget) are therefore a ``PipelineModule``
+subclass whose ``_partition_layers`` installs the boundaries computed by ``ds_seg3d.parallel.partition`` or
+``ds_seg3d.parallel.timing``
 (the method DeepSpeed's constructor calls before building any layer). The same subclass repairs DeepSpeed's own methods for seeded builds
 (see ``PartitionedPipelineModule``).
 
@@ -30,10 +31,10 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
 from ds_seg3d.parallel.partition import LayerLike, check_boundaries, partition_table, profile_partition, stage_profile
-from ds_seg3d.parallel.timing import layer_seconds, stage_seconds, time_partition
+from ds_seg3d.parallel.timing import balanced_partition, layer_seconds, stage_seconds, time_partition
 from ds_seg3d.parallel.topology import Topology
 
-PARTITION_METHODS = ("parameters", "uniform", "memory", "time")
+PARTITION_METHODS = ("parameters", "uniform", "memory", "time", "balanced")
 
 
 class PartitionedPipelineModule(PipelineModule):
@@ -102,6 +103,7 @@ def build_pipeline(
     seed: int = 1234,
     topology: Topology | None = None,
     boundaries: Sequence[int] | None = None,
+    memory_budget: float | None = None,
 ) -> PartitionedPipelineModule:
     """Build this rank's stage of the pipeline; needs ``init_distributed()`` to have run.
 
@@ -112,7 +114,8 @@ def build_pipeline(
         loss_fn: ``loss_fn(outputs, labels)`` on the last stage.
         partition_method: ``"parameters"`` / ``"uniform"`` (DeepSpeed's), ``"memory"``
             (activation bytes x in-flight micro-batches, see ``partition.py``) or ``"time"`` (each
-            layer's forward + backward timed on rank 0, the slowest stage minimised, see ``timing.py``).
+            layer's forward + backward timed on rank 0, the slowest stage minimised, see ``timing.py``) or
+            ``"balanced"`` (the same among the splits whose stages fit ``memory_budget``).
         sample_shape: one micro-batch of input, ``(B, C, X, Y, Z)``; required for ``"memory"`` and
             ``"time"`` and, when given, used to print predicted bytes per stage for any method.
         profile_shape: shape to profile at (scaled to ``sample_shape``); by default a reduced
@@ -123,6 +126,7 @@ def build_pipeline(
         seed: base seed; layer i is initialised after ``torch.manual_seed(seed + i)``.
         topology: the validated pipe x data layout; defaults to ``num_stages`` x (world / stages).
         boundaries: explicit stage boundaries (``stages + 1`` layer indices), overriding ``partition_method``.
+        memory_budget: bytes per rank, for ``"balanced"``.
     """
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"partition_method must be one of {', '.join(PARTITION_METHODS)}, got {partition_method!r}")
@@ -145,7 +149,9 @@ def build_pipeline(
         raise ValueError(f"{len(defs)} layers cannot fill {num_stages} stages; use at most {len(defs)} stages")
     if activation_checkpoint_interval < 0:
         raise ValueError(f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}")
-    if partition_method in ("memory", "time") and sample_shape is None and boundaries is None:
+    if partition_method == "balanced" and boundaries is None and not (memory_budget and memory_budget > 0):
+        raise ValueError("partition_method='balanced' needs memory_budget (bytes per rank, > 0)")
+    if partition_method in ("memory", "time", "balanced") and sample_shape is None and boundaries is None:
         raise ValueError(f"partition_method={partition_method!r} needs sample_shape (one micro-batch, "
                          "e.g. (1, 1, 64, 64, 64))")
 
@@ -169,21 +175,28 @@ def build_pipeline(
     elif partition_method == "memory":
         boundaries = profile_partition(profile, num_stages, micro_batches)
         module = PartitionedPipelineModule(specs, boundaries, **common)
-    elif partition_method == "time":
+    elif partition_method in ("time", "balanced"):
         # timings differ between ranks: rank 0 measures, every rank takes its boundaries
         shared: list[Any] = [None]
         if dist.get_rank() == 0:
             seconds = layer_seconds(defs, sample_shape, seed=seed)
-            shared = [(time_partition(seconds, num_stages), seconds)]
+            try:
+                split: Any = (time_partition(seconds, num_stages) if partition_method == "time" else
+                              balanced_partition(seconds, profile, num_stages, micro_batches, memory_budget))
+            except ValueError as e:  # every rank raises it, rather than wait for boundaries that never come
+                split = str(e)
+            shared = [(split, seconds)]
         tdist.broadcast_object_list(shared, src=0)
         boundaries, seconds = shared[0]
+        if isinstance(boundaries, str):
+            raise ValueError(boundaries)
         module = PartitionedPipelineModule(specs, boundaries, **common)
     else:
         module = PartitionedPipelineModule(specs, None, partition_method=partition_method, **common)
 
     if dist.get_rank() == 0:
         print(f"pipeline partition ({partition_method}): boundaries={list(module.parts)}", flush=True)
-        if partition_method == "time":
+        if partition_method in ("time", "balanced"):
             per_stage = ", ".join(f"stage {i} {t:.3f} s" for i, t in enumerate(stage_seconds(seconds, module.parts)))
             print(f"forward + backward of one micro-batch, measured on rank 0: {per_stage}", flush=True)
         if profile is not None:

@@ -6,13 +6,15 @@ balances parameter counts or layer counts, which for a U-Net says little about t
 resolution layers hold few parameters and most of the work. ``layer_seconds`` times each layer's
 forward and backward alone on one micro-batch, the way a stage runs them (its inputs as fresh leaves
 that require grad, one backward over all of its floating outputs); ``time_partition`` picks the
-contiguous split with the smallest largest stage sum (exact, ``partition.minimax_split``).
+contiguous split with the smallest largest stage sum (exact, ``partition.minimax_split``);
+``balanced_partition`` does the same among the splits whose stages fit a memory budget, when both matter.
 
 Timings differ from rank to rank, so one rank measures and the others receive its boundaries
 (``build_pipeline`` does that). Pure torch.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_seg3d.parallel.partition import LayerLike, minimax_split
+from ds_seg3d.parallel.partition import LayerLike, LayerProfile, activation_cost, minimax_split
 
 
 def _leaves(x: Any) -> Any:
@@ -73,6 +75,47 @@ def time_partition(seconds: Sequence[float], stages: int) -> list[int]:
     for s in seconds:
         prefix.append(prefix[-1] + s)
     return minimax_split(len(seconds), stages, lambda stage, a, b: prefix[b] - prefix[a])
+
+
+MODEL_STATE_COPIES = 4
+"""Bytes of model state per parameter byte in the balanced split's budget check: weights, gradients and
+Adam's two moments (fp32; the planner, ``ds-seg3d plan``, predicts the engine's exact peak)."""
+
+
+def balanced_partition(seconds: Sequence[float], profile: Sequence[LayerProfile], stages: int,
+                       micro_batches: int, budget_bytes: float) -> list[int]:
+    """Boundaries minimising the slowest stage's summed seconds among the splits whose every stage fits
+    ``budget_bytes`` in the memory partition's cost model (activations of the in-flight micro-batches,
+    pipe buffers, backward working set, loss) plus ``MODEL_STATE_COPIES`` x its parameter bytes.
+
+    With a budget every split fits, this is ``time_partition``; with one only the memory partition's split
+    fits, it is that split. Raises ``ValueError`` when no split fits, naming the smallest largest stage.
+    """
+    if len(seconds) != len(profile):
+        raise ValueError(f"{len(seconds)} layer timings for {len(profile)} profiled layers")
+    memory = activation_cost(profile, stages, micro_batches)
+    params = [0]
+    for p in profile:
+        params.append(params[-1] + p.param_bytes)
+
+    def stage_bytes(stage: int, a: int, b: int) -> float:
+        return memory(stage, a, b) + MODEL_STATE_COPIES * (params[b] - params[a])
+
+    prefix = [0.0]
+    for t in seconds:
+        prefix.append(prefix[-1] + t)
+    def cost(st: int, a: int, b: int) -> float:
+        return prefix[b] - prefix[a] if stage_bytes(st, a, b) <= budget_bytes else math.inf
+
+    parts = minimax_split(len(seconds), stages, cost)
+    spans = list(enumerate(zip(parts, parts[1:])))
+    if not all(a < b for _, (a, b) in spans) or max(cost(st, a, b) for st, (a, b) in spans) == math.inf:
+        least = minimax_split(len(seconds), stages, stage_bytes)
+        need = max(stage_bytes(st, a, b) for st, (a, b) in enumerate(zip(least, least[1:])))
+        raise ValueError(f"no split into {stages} stages fits {budget_bytes / 2**30:.3g} GiB per rank: the smallest "
+                         f"largest stage is {need / 2**30:.3g} GiB (split {least}); raise the budget, add stages or "
+                         "use a smaller patch")
+    return parts
 
 
 def stage_seconds(seconds: Sequence[float], boundaries: Sequence[int]) -> list[float]:

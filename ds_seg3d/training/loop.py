@@ -161,6 +161,7 @@ def run(args: argparse.Namespace):
     adv = AdversarialTraining(seg_loss, len(reader.labels), cfg.adversarial) if cfg.adversarial.enabled else None
     module = build_pipeline(defs, topo, adv.loss if adv else seg_loss,
                             partition_method=cfg.train.partition,
+                            memory_budget=cfg.train.memory_budget_gb * 2**30 or None,
                             sample_shape=(topo.micro_batch, 1, *cfg.data.patch),
                             activation_checkpoint_interval=cfg.train.activation_checkpoint_interval,
                             seed=cfg.train.seed)

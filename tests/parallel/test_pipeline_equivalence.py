@@ -93,10 +93,21 @@ def test_one_backward_walk_and_one_received_copy_with_deepspeeds_own_gradients(t
                 assert b["updates"][index][name] == pytest.approx(values, abs=1e-7), (index, name)
 
 
-def test_time_partition_is_rank_0s_on_both_ranks_and_matches(tmp_path):
-    """Timings differ between ranks: both stages must still be cut where rank 0's measurement says."""
-    results = _run(tmp_path, "--partition", "time", "--grad-accum", "2")
+@pytest.mark.parametrize("method", ["time", "balanced"])
+def test_time_partition_is_rank_0s_on_both_ranks_and_matches(tmp_path, method):
+    """Timings differ between ranks: both stages must still be cut where rank 0's measurement says (for the
+    balanced split too, here under a budget of 1 GiB per rank)."""
+    results = _run(tmp_path, "--partition", method, "--grad-accum", "2", "--memory-budget", str(2**30))
     boundaries = results[0]["boundaries"]
     assert boundaries == results[1]["boundaries"]
     assert len(boundaries) == 3 and 0 < boundaries[1] < boundaries[2] == len(build_layers("unet3d", CFG))
     _assert_equivalent(results, boundaries)
+
+
+def test_balanced_partition_that_fits_nowhere_stops_every_rank_with_the_reason(tmp_path):
+    """Rank 0 decides; the others must not wait for boundaries that never come."""
+    proc = run_deepspeed("pipeline_equivalence.py", ["--out", str(tmp_path / "result"), "--partition", "balanced",
+                                                     "--memory-budget", "1"], num_ranks=2, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert proc.stdout.count("no split into 2 stages fits") >= 2  # raised on both ranks
+    assert not (tmp_path / "result").exists()

@@ -9,8 +9,16 @@ import torch
 
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.unet3d import UNet3DConfig
-from ds_seg3d.parallel.partition import check_boundaries
-from ds_seg3d.parallel.timing import layer_seconds, stage_seconds, time_partition
+import pytest
+
+from ds_seg3d.parallel.partition import LayerProfile, activation_cost, check_boundaries, profile_partition
+from ds_seg3d.parallel.timing import (
+    MODEL_STATE_COPIES,
+    balanced_partition,
+    layer_seconds,
+    stage_seconds,
+    time_partition,
+)
 
 
 def test_time_partition_is_minimax_on_random_cases():
@@ -36,3 +44,46 @@ def test_unet_layers_are_timed_through_skip_tuples_and_leave_the_rng_alone():
     assert torch.equal(state, torch.get_rng_state())
     assert len(seconds) == len(defs) and all(s > 0 and math.isfinite(s) for s in seconds)
     check_boundaries(time_partition(seconds, 3), len(defs), 3)
+
+
+def _profile(rng: random.Random, n: int) -> list[LayerProfile]:
+    return [LayerProfile(name=f"l{i}", saved_bytes=rng.randint(0, 100), input_bytes=rng.randint(1, 50),
+                         output_bytes=rng.randint(1, 50), param_bytes=rng.randint(0, 20),
+                         largest_bytes=rng.randint(0, 30)) for i in range(n)]
+
+
+def _stage_bytes(profile, stages, micro, parts):
+    cost = activation_cost(profile, stages, micro)
+    return [cost(s, a, b) + MODEL_STATE_COPIES * sum(p.param_bytes for p in profile[a:b])
+            for s, (a, b) in enumerate(zip(parts, parts[1:]))]
+
+
+def test_balanced_partition_is_the_fastest_split_that_fits_on_random_cases():
+    rng = random.Random(5)
+    constrained = 0
+    for _ in range(150):
+        n = rng.randint(2, 8)
+        stages, micro = rng.randint(2, min(n, 4)), rng.randint(1, 8)
+        seconds, profile = [rng.uniform(0.0, 1.0) for _ in range(n)], _profile(rng, n)
+        splits = [[0, *cuts, n] for cuts in itertools.combinations(range(1, n), stages - 1)]
+        need = sorted(max(_stage_bytes(profile, stages, micro, parts)) for parts in splits)
+        budget = need[rng.randrange(len(need))]  # some splits fit, maybe not the fastest
+        parts = balanced_partition(seconds, profile, stages, micro, budget)
+        check_boundaries(parts, n, stages)
+        assert max(_stage_bytes(profile, stages, micro, parts)) <= budget
+        fits = [p for p in splits if max(_stage_bytes(profile, stages, micro, p)) <= budget]
+        best = min(max(stage_seconds(seconds, p)) for p in fits)
+        assert math.isclose(max(stage_seconds(seconds, parts)), best)
+        constrained += best > max(stage_seconds(seconds, time_partition(seconds, stages))) + 1e-12
+    assert constrained > 10  # the budget did bind often enough for the test to mean something
+
+
+def test_balanced_partition_between_time_and_memory():
+    rng = random.Random(11)
+    seconds, profile = [rng.uniform(0.1, 1.0) for _ in range(7)], _profile(rng, 7)
+    assert balanced_partition(seconds, profile, 3, 4, float("inf")) == time_partition(seconds, 3)
+    memory = profile_partition(profile, 3, 4)
+    tight = max(_stage_bytes(profile, 3, 4, memory))
+    assert max(_stage_bytes(profile, 3, 4, balanced_partition(seconds, profile, 3, 4, tight))) <= tight
+    with pytest.raises(ValueError, match="no split into 3 stages fits"):
+        balanced_partition(seconds, profile, 3, 4, tight * 0.5)

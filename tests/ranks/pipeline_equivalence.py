@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--deep-supervision", action="store_true", help="the SUPERVISED network, split at --boundary")
     parser.add_argument("--boundary", type=int, default=None, help="explicit 2-stage split after this many layers")
+    parser.add_argument("--memory-budget", type=float, default=None, help="bytes per rank (--partition balanced)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = parser.parse_args()
 
@@ -115,6 +116,7 @@ def main() -> None:
         seed=SEED,
         topology=topology,
         boundaries=None if args.boundary is None else [0, args.boundary, len(defs)],
+        memory_budget=args.memory_budget,
     )
     start = module._local_start
     local = {start + i: layer for i, layer in enumerate(module.forward_funcs)}
