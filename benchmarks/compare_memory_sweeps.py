@@ -3,8 +3,8 @@
     python benchmarks/compare_memory_sweeps.py BEFORE/sweep/memory.csv AFTER/sweep/memory.csv \\
         --before-label "DeepSpeed's receive path" --after-label "one copy" --write-md
 
-Rows are matched by point (the ``config`` column) and rank; points measured in only one sweep are left
-out and counted. The section says, per model and for stage 0 and the receiving stages apart, how the
+Rows are matched by point (the ``config`` column) and rank; points measured in only one sweep, or whose
+measured stage boundaries differ (a cost-model change can move a split), are left out and counted. The section says, per model and for stage 0 and the receiving stages apart, how the
 measured peaks moved, lists every point whose peak moved by more than 1 %, and how far the planner's
 predictions are from the new measurements (the +-10 % target of ``bench memory``).
 """
@@ -45,6 +45,8 @@ def compare(before: dict, after: dict) -> list[dict]:
     out = []
     for key in sorted(before.keys() & after.keys()):
         b, a = before[key], after[key]
+        if b.get("measured_boundaries") != a.get("measured_boundaries"):
+            continue  # the split moved: a different stage, not the same one measured twice
         mb, ma = int(b["measured_peak_bytes"]), int(a["measured_peak_bytes"])
         out.append({"config": key[0], "rank": key[1], "stage": int(a["stage"]), "model": a["model"],
                     "stages": int(a.get("stages") or 1), "before": mb, "after": ma, "change": ma / mb - 1,
@@ -52,7 +54,7 @@ def compare(before: dict, after: dict) -> list[dict]:
     return out
 
 
-def report(rows: list[dict], args: argparse.Namespace, left_out: int) -> str:
+def report(rows: list[dict], args: argparse.Namespace, left_out: int, split_moved: int = 0) -> str:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     pct = lambda v: f"{100 * v:+.1f} %"  # noqa: E731
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -62,7 +64,9 @@ def report(rows: list[dict], args: argparse.Namespace, left_out: int) -> str:
     lines = [SECTION, "", f"Written by `python benchmarks/compare_memory_sweeps.py {shown}` on {now}.", "",
              f"The same `bench memory` points measured twice on this machine: *before* with {args.before_label}, "
              f"*after* with {args.after_label}; {len(rows)} rank peaks in both sweeps"
-             + (f" ({left_out} measured in only one, left out)" if left_out else "") + ". A pipeline's stage 0 "
+             + (f" ({left_out} measured in only one, left out)" if left_out else "")
+             + (f"; {split_moved} more whose stage boundaries differ between the sweeps are left out too (a "
+                "different stage, not the same one measured twice)" if split_moved else "") + ". A pipeline's stage 0 "
              "receives nothing; the other stages receive the tensors the stage before sends (a U-Net's skips).", "",
              "| model | ranks | count | median change | largest fall | largest rise |", "|---|---|---:|---:|---:|---:|"]
     for model in sorted({r["model"] for r in rows}):
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(before, after)
     if not rows:
         raise SystemExit(f"error: {args.before} and {args.after} share no measured point")
-    section = report(rows, args, len(before.keys() ^ after.keys()))
+    moved = len(before.keys() & after.keys()) - len(rows)
+    section = report(rows, args, len(before.keys() ^ after.keys()), moved)
     print(section)
     if args.write_md:
         write_section(args.md, section)
