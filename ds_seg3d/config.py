@@ -87,19 +87,41 @@ class ModelConfig:
             raise ValueError(f"model.plan must be one of {', '.join(CONFIGURATIONS)}, got {self.plan!r}")
 
 
+PARTITIONS = ("auto", "memory", "time", "balanced", "parameters", "uniform")
+
+
+def resolve_partition(partition: str, budget_gb: float, plan_budget_gb: float | None) -> tuple[str, float, str]:
+    """(method, budget GiB per rank or 0, why) for ``train.partition``; "auto" and "balanced" take the config's
+    budget, else the one a planned model was sized for."""
+    budget, source = ((budget_gb, "train.memory_budget_gb") if budget_gb > 0 else
+                      (plan_budget_gb or 0.0, "the plan's budget") if plan_budget_gb else (0.0, ""))
+    if partition == "auto":
+        if budget > 0:
+            return "balanced", budget, f"auto: the fastest split within {budget:g} GiB per rank ({source})"
+        return "memory", 0.0, "auto: no memory budget known (train.memory_budget_gb, or a planned model), so memory"
+    if partition == "balanced":
+        if budget <= 0:
+            raise ValueError("train.partition = \"balanced\" needs a memory budget: set train.memory_budget_gb "
+                             "(GiB per rank) or train a planned model")
+        return "balanced", budget, f"the fastest split within {budget:g} GiB per rank ({source})"
+    return partition, 0.0, partition
+
+
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 300
     """Optimizer steps (``train_batch`` calls); each consumes micro-batch x accumulation x dp patches."""
     stages: int = 2
     """Pipeline stages; must divide the number of ranks. The rest is data parallel."""
-    partition: str = "memory"
+    partition: str = "auto"
     """How layers are split over stages: "memory" (activation bytes x in-flight micro-batches), "time"
     (each layer's forward + backward timed, the slowest stage minimised), "balanced" (the fastest split
-    whose stages fit ``memory_budget_gb``) or DeepSpeed's own "parameters" / "uniform"."""
+    whose stages fit the memory budget), DeepSpeed's own "parameters" / "uniform", or "auto": "balanced"
+    when a budget is known (``memory_budget_gb``, else the budget a planned model was sized for),
+    otherwise "memory"."""
     memory_budget_gb: float = 0.0
     """Memory per rank, GiB, that every stage of a "balanced" split must fit (activations, pipe buffers,
-    weights, gradients and Adam's moments in the partition's cost model)."""
+    weights, gradients and optimizer states in the partition's cost model); 0: the plan's budget."""
     activation_checkpoint_interval: int = 0
     """Recompute activations in the backward pass every N layers (0: off)."""
     seed: int = 1234
@@ -127,11 +149,8 @@ class TrainConfig:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.stages < 1:
             raise ValueError(f"train.stages must be >= 1, got {self.stages}")
-        if self.partition not in ("memory", "time", "balanced", "parameters", "uniform"):
-            raise ValueError("train.partition must be memory, time, balanced, parameters or uniform, got "
-                             f"{self.partition!r}")
-        if self.partition == "balanced" and not self.memory_budget_gb > 0:
-            raise ValueError("train.partition = \"balanced\" needs train.memory_budget_gb > 0 (GiB per rank)")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"train.partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         if self.memory_budget_gb < 0:
             raise ValueError(f"train.memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if self.activation_checkpoint_interval < 0:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_seg3d.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_config
+from ds_seg3d.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_config, resolve_partition
 from ds_seg3d.models import DeepCNNConfig, UNet3DConfig, build_layers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,6 @@ def test_overrides_apply_on_top_of_file_in_order(tmp_path):
     (["train.steps=abc"], "train.steps"),
     (["train.stages=0"], "train.stages"),
     (["train.partition=greedy"], "train.partition"),
-    (["train.partition=balanced"], "train.memory_budget_gb"),
     (["train.memory_budget_gb=-1"], "train.memory_budget_gb"),
     (["train.val_overlap=1.0"], "val_overlap"),
     (["train.val_overlap=-0.1"], "val_overlap"),
@@ -223,3 +222,21 @@ def test_shipped_experiments_all_load():
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=2)
         assert len(build_layers(cfg.model.name, model_cfg)) > 0, path
         check_patch(model_cfg, cfg.data.patch)
+
+
+@pytest.mark.parametrize("partition, budget, plan, expected", [
+    ("auto", 0.0, 0.15, ("balanced", 0.15)),   # a planned model: its budget
+    ("auto", 2.0, 0.15, ("balanced", 2.0)),    # the config's budget first
+    ("auto", 0.0, None, ("memory", 0.0)),      # nothing known: the memory split
+    ("balanced", 0.0, 0.5, ("balanced", 0.5)),
+    ("time", 3.0, 0.5, ("time", 0.0)),
+    ("memory", 0.0, 0.5, ("memory", 0.0)),
+])
+def test_partition_resolution(partition, budget, plan, expected):
+    method, gb, why = resolve_partition(partition, budget, plan)
+    assert (method, gb) == expected and why
+
+
+def test_balanced_without_any_budget_says_what_to_set():
+    with pytest.raises(ValueError, match="train.memory_budget_gb"):
+        resolve_partition("balanced", 0.0, None)

@@ -77,9 +77,10 @@ def time_partition(seconds: Sequence[float], stages: int) -> list[int]:
     return minimax_split(len(seconds), stages, lambda stage, a, b: prefix[b] - prefix[a])
 
 
-MODEL_STATE_COPIES = 4
-"""Bytes of model state per parameter byte in the balanced split's budget check: weights, gradients and
-Adam's two moments (fp32; the planner, ``ds-seg3d plan``, predicts the engine's exact peak)."""
+MODEL_STATE_COPIES = 5
+"""Bytes of model state per parameter byte in the balanced split's budget check: weights, gradients, the
+fp32 master copy ZeRO-1 keeps (a clone even in fp32) and Adam's two moments (the planner, ``ds-seg3d
+plan``, predicts the engine's exact peak)."""
 
 
 def balanced_partition(seconds: Sequence[float], profile: Sequence[LayerProfile], stages: int,

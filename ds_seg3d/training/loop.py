@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ds_seg3d import checkpoint as ckpt
-from ds_seg3d.config import PLANNED, ExperimentConfig, apply_plan, load_config
+from ds_seg3d.config import PLANNED, ExperimentConfig, apply_plan, load_config, resolve_partition
 from ds_seg3d.data.augment import AugmentConfig, NnUNetAugment
 from ds_seg3d.data.reader import ShardReader, ShardReadError
 from ds_seg3d.data.sampler import PatchSampler
@@ -64,6 +64,14 @@ def planned_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, NetworkPlan
     return apply_plan(cfg, plan), plan
 
 
+def plan_budget_gb(cfg: ExperimentConfig, plan: NetworkPlan | None) -> float | None:
+    """The memory per rank a planned model was sized for (plans.json's target), None for a named network."""
+    if plan is None:
+        return None
+    budget = Plans.load(cfg.data.shards).target.get("budget_gb")
+    return float(budget) if budget else None
+
+
 def augmentation(cfg: ExperimentConfig) -> AugmentConfig | NnUNetAugment | None:
     """The training patches' augmentation; nnU-Net's rotates a slice-wise network's patches in-plane only."""
     if cfg.data.augment == "nnunet":
@@ -81,8 +89,9 @@ def record_postprocessing(run: Path, decision: dict) -> None:
 
 
 def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict, topo: Topology,
-             plan: NetworkPlan | None = None) -> dict:
-    """What ``predict`` needs besides the weights: the model, labels and the dataset's preprocessing."""
+             plan: NetworkPlan | None = None, boundaries: list[int] | None = None) -> dict:
+    """What ``predict`` needs besides the weights: the model, labels and the dataset's preprocessing; and the
+    stage boundaries, which a resumed run reuses (its ZeRO states are per stage)."""
     m = reader.manifest
     return {
         "experiment": cfg.to_dict(),
@@ -92,7 +101,8 @@ def run_info(cfg: ExperimentConfig, model_cfg, reader: ShardReader, ds_cfg: dict
         "preprocessing": {k: m.get(k) for k in ("modality", "target_spacing", "normalisation")},
         "manifest_name": m.get("name"),
         "deepspeed_config": ds_cfg,
-        "topology": {"world_size": topo.world_size, "stages": topo.stages, "dp": topo.dp},
+        "topology": {"world_size": topo.world_size, "stages": topo.stages, "dp": topo.dp,
+                     "boundaries": [int(b) for b in boundaries] if boundaries is not None else None},
     }
 
 
@@ -128,6 +138,8 @@ def run(args: argparse.Namespace):
         check_ds_config(ds_cfg, topo, pipeline=True)
         d_cfg = load_ds_config(args.discriminator_config) if cfg.adversarial.enabled else None
         model_cfg = cfg.model.build_config(in_channels=1, num_classes=len(reader.labels))
+        method, budget_gb, why = resolve_partition(cfg.train.partition, cfg.train.memory_budget_gb,
+                                                   plan_budget_gb(cfg, plan))
         check_patch(model_cfg, cfg.data.patch)
         train_cases = reader.case_ids(cfg.data.train_split)
         if not train_cases:
@@ -159,12 +171,19 @@ def run(args: argparse.Namespace):
     defs = build_layers(cfg.model.name, model_cfg)
     seg_loss = DeepSupervisionLoss(DiceCELoss(cfg.train.dice_weight, cfg.train.ce_weight))
     adv = AdversarialTraining(seg_loss, len(reader.labels), cfg.adversarial) if cfg.adversarial.enabled else None
+    # a resumed run keeps its stages: its optimizer states are per stage, and "time" / "balanced" would re-time
+    kept = (ckpt.read_run_info(run).get("topology", {}).get("boundaries")
+            if tag is not None and (run / ckpt.RUN_INFO).is_file() else None)
+    kept = kept if kept is not None and len(kept) == topo.stages + 1 else None
+    if rank == 0:
+        print(f"pipeline partition: {why}" if kept is None else
+              f"pipeline partition: the run's own boundaries {kept} (resumed)", flush=True)
     module = build_pipeline(defs, topo, adv.loss if adv else seg_loss,
-                            partition_method=cfg.train.partition,
-                            memory_budget=cfg.train.memory_budget_gb * 2**30 or None,
+                            partition_method=method,
+                            memory_budget=budget_gb * 2**30 or None,
                             sample_shape=(topo.micro_batch, 1, *cfg.data.patch),
                             activation_checkpoint_interval=cfg.train.activation_checkpoint_interval,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, boundaries=kept)
     engine = initialize_pipeline(module, ds_cfg)
     if adv is not None:
         adv.attach(d_cfg, topo, rank, seed=cfg.train.seed, device=args.discriminator_device)
@@ -182,7 +201,8 @@ def run(args: argparse.Namespace):
         if adv is not None:
             adv.load(run, tag)
     elif rank == 0:
-        (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo, plan), indent=1))
+        (run / ckpt.RUN_INFO).write_text(json.dumps(run_info(cfg, model_cfg, reader, ds_cfg, topo, plan,
+                                                             list(module.parts)), indent=1))
     data_iter = None
     if engine.is_first_stage() or engine.is_last_stage():
         data_iter = sampler.batches(topo.micro_batch)
