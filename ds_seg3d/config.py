@@ -91,14 +91,16 @@ PARTITIONS = ("auto", "memory", "time", "balanced", "parameters", "uniform")
 
 
 def resolve_partition(partition: str, budget_gb: float, plan_budget_gb: float | None) -> tuple[str, float, str]:
-    """(method, budget GiB per rank or 0, why) for ``train.partition``; "auto" and "balanced" take the config's
+    """(method, budget GiB per rank or 0, why) for ``train.partition``: "auto" and "balanced" take the config's
     budget, else the one a planned model was sized for."""
     budget, source = ((budget_gb, "train.memory_budget_gb") if budget_gb > 0 else
                       (plan_budget_gb or 0.0, "the plan's budget") if plan_budget_gb else (0.0, ""))
     if partition == "auto":
         if budget > 0:
-            return "balanced", budget, f"auto: the fastest split within {budget:g} GiB per rank ({source})"
-        return "memory", 0.0, "auto: no memory budget known (train.memory_budget_gb, or a planned model), so memory"
+            return "auto", budget, (f"auto: the fastest split within {budget:g} GiB per rank ({source}; the least-"
+                                    "memory split if none fits)")
+        return "auto", 0.0, ("auto: no memory budget known (train.memory_budget_gb, or a planned model): the fastest "
+                             "split needing at most 1.25x the least memory any split needs")
     if partition == "balanced":
         if budget <= 0:
             raise ValueError("train.partition = \"balanced\" needs a memory budget: set train.memory_budget_gb "
@@ -116,9 +118,10 @@ class TrainConfig:
     partition: str = "auto"
     """How layers are split over stages: "memory" (activation bytes x in-flight micro-batches), "time"
     (each layer's forward + backward timed, the slowest stage minimised), "balanced" (the fastest split
-    whose stages fit the memory budget), DeepSpeed's own "parameters" / "uniform", or "auto": "balanced"
-    when a budget is known (``memory_budget_gb``, else the budget a planned model was sized for),
-    otherwise "memory"."""
+    whose stages fit the memory budget), DeepSpeed's own "parameters" / "uniform", or "auto": the fastest
+    split within the budget when one is known (``memory_budget_gb``, else the budget a planned model was
+    sized for; the least-memory split if none fits), otherwise the fastest needing at most 1.25x the
+    least memory any split needs."""
     memory_budget_gb: float = 0.0
     """Memory per rank, GiB, that every stage of a "balanced" split must fit (activations, pipe buffers,
     weights, gradients and optimizer states in the partition's cost model); 0: the plan's budget."""

@@ -225,9 +225,9 @@ def test_shipped_experiments_all_load():
 
 
 @pytest.mark.parametrize("partition, budget, plan, expected", [
-    ("auto", 0.0, 0.15, ("balanced", 0.15)),   # a planned model: its budget
-    ("auto", 2.0, 0.15, ("balanced", 2.0)),    # the config's budget first
-    ("auto", 0.0, None, ("memory", 0.0)),      # nothing known: the memory split
+    ("auto", 0.0, 0.15, ("auto", 0.15)),   # a planned model: its budget
+    ("auto", 2.0, 0.15, ("auto", 2.0)),    # the config's budget first
+    ("auto", 0.0, None, ("auto", 0.0)),    # nothing known: relative to the least memory
     ("balanced", 0.0, 0.5, ("balanced", 0.5)),
     ("time", 3.0, 0.5, ("time", 0.0)),
     ("memory", 0.0, 0.5, ("memory", 0.0)),

@@ -34,7 +34,7 @@ from ds_seg3d.parallel.partition import LayerLike, check_boundaries, partition_t
 from ds_seg3d.parallel.timing import balanced_partition, layer_seconds, stage_seconds, time_partition
 from ds_seg3d.parallel.topology import Topology
 
-PARTITION_METHODS = ("parameters", "uniform", "memory", "time", "balanced")
+PARTITION_METHODS = ("parameters", "uniform", "memory", "time", "balanced", "auto")
 
 
 class PartitionedPipelineModule(PipelineModule):
@@ -115,7 +115,9 @@ def build_pipeline(
         partition_method: ``"parameters"`` / ``"uniform"`` (DeepSpeed's), ``"memory"``
             (activation bytes x in-flight micro-batches, see ``partition.py``) or ``"time"`` (each
             layer's forward + backward timed on rank 0, the slowest stage minimised, see ``timing.py``) or
-            ``"balanced"`` (the same among the splits whose stages fit ``memory_budget``).
+            ``"balanced"`` (the same among the splits whose stages fit ``memory_budget``) or ``"auto"``
+            (balanced under ``memory_budget``, or within ``timing.AUTO_SLACK`` of the least memory any
+            split needs when it is None; the least-memory split when nothing fits).
         sample_shape: one micro-batch of input, ``(B, C, X, Y, Z)``; required for ``"memory"`` and
             ``"time"`` and, when given, used to print predicted bytes per stage for any method.
         profile_shape: shape to profile at (scaled to ``sample_shape``); by default a reduced
@@ -126,7 +128,7 @@ def build_pipeline(
         seed: base seed; layer i is initialised after ``torch.manual_seed(seed + i)``.
         topology: the validated pipe x data layout; defaults to ``num_stages`` x (world / stages).
         boundaries: explicit stage boundaries (``stages + 1`` layer indices), overriding ``partition_method``.
-        memory_budget: bytes per rank, for ``"balanced"``.
+        memory_budget: bytes per rank, for ``"balanced"`` (required) and ``"auto"``.
     """
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"partition_method must be one of {', '.join(PARTITION_METHODS)}, got {partition_method!r}")
@@ -151,7 +153,7 @@ def build_pipeline(
         raise ValueError(f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}")
     if partition_method == "balanced" and boundaries is None and not (memory_budget and memory_budget > 0):
         raise ValueError("partition_method='balanced' needs memory_budget (bytes per rank, > 0)")
-    if partition_method in ("memory", "time", "balanced") and sample_shape is None and boundaries is None:
+    if partition_method in ("memory", "time", "balanced", "auto") and sample_shape is None and boundaries is None:
         raise ValueError(f"partition_method={partition_method!r} needs sample_shape (one micro-batch, "
                          "e.g. (1, 1, 64, 64, 64))")
 
@@ -175,14 +177,15 @@ def build_pipeline(
     elif partition_method == "memory":
         boundaries = profile_partition(profile, num_stages, micro_batches)
         module = PartitionedPipelineModule(specs, boundaries, **common)
-    elif partition_method in ("time", "balanced"):
+    elif partition_method in ("time", "balanced", "auto"):
         # timings differ between ranks: rank 0 measures, every rank takes its boundaries
         shared: list[Any] = [None]
         if dist.get_rank() == 0:
             seconds = layer_seconds(defs, sample_shape, seed=seed)
             try:
                 split: Any = (time_partition(seconds, num_stages) if partition_method == "time" else
-                              balanced_partition(seconds, profile, num_stages, micro_batches, memory_budget))
+                              balanced_partition(seconds, profile, num_stages, micro_batches, memory_budget,
+                                                 strict=partition_method == "balanced"))
             except ValueError as e:  # every rank raises it, rather than wait for boundaries that never come
                 split = str(e)
             shared = [(split, seconds)]
@@ -196,7 +199,7 @@ def build_pipeline(
 
     if dist.get_rank() == 0:
         print(f"pipeline partition ({partition_method}): boundaries={list(module.parts)}", flush=True)
-        if partition_method in ("time", "balanced"):
+        if partition_method in ("time", "balanced", "auto"):
             per_stage = ", ".join(f"stage {i} {t:.3f} s" for i, t in enumerate(stage_seconds(seconds, module.parts)))
             print(f"forward + backward of one micro-batch, measured on rank 0: {per_stage}", flush=True)
         if profile is not None:

@@ -83,14 +83,21 @@ fp32 master copy ZeRO-1 keeps (a clone even in fp32) and Adam's two moments (the
 plan``, predicts the engine's exact peak)."""
 
 
+AUTO_SLACK = 1.25
+"""Without a memory budget, ``partition = "auto"`` takes the fastest split whose largest stage needs at most
+this much more than the least any split needs: a quarter more memory for a balanced pipeline."""
+
+
 def balanced_partition(seconds: Sequence[float], profile: Sequence[LayerProfile], stages: int,
-                       micro_batches: int, budget_bytes: float) -> list[int]:
+                       micro_batches: int, budget_bytes: float | None, strict: bool = True) -> list[int]:
     """Boundaries minimising the slowest stage's summed seconds among the splits whose every stage fits
     ``budget_bytes`` in the memory partition's cost model (activations of the in-flight micro-batches,
     pipe buffers, backward working set, loss) plus ``MODEL_STATE_COPIES`` x its parameter bytes.
 
-    With a budget every split fits, this is ``time_partition``; with one only the memory partition's split
-    fits, it is that split. Raises ``ValueError`` when no split fits, naming the smallest largest stage.
+    With a budget every split fits, this is ``time_partition``; with one only the least-memory split fits,
+    it is that split. ``budget_bytes=None``: ``AUTO_SLACK`` x what the least-memory split needs. When no
+    split fits, ``strict`` raises ``ValueError`` naming the smallest largest stage; otherwise the
+    least-memory split is returned.
     """
     if len(seconds) != len(profile):
         raise ValueError(f"{len(seconds)} layer timings for {len(profile)} profiled layers")
@@ -102,18 +109,22 @@ def balanced_partition(seconds: Sequence[float], profile: Sequence[LayerProfile]
     def stage_bytes(stage: int, a: int, b: int) -> float:
         return memory(stage, a, b) + MODEL_STATE_COPIES * (params[b] - params[a])
 
+    least = minimax_split(len(seconds), stages, stage_bytes)
+    need = max(stage_bytes(st, a, b) for st, (a, b) in enumerate(zip(least, least[1:])))
+    budget = AUTO_SLACK * need if budget_bytes is None else budget_bytes
     prefix = [0.0]
     for t in seconds:
         prefix.append(prefix[-1] + t)
+
     def cost(st: int, a: int, b: int) -> float:
-        return prefix[b] - prefix[a] if stage_bytes(st, a, b) <= budget_bytes else math.inf
+        return prefix[b] - prefix[a] if stage_bytes(st, a, b) <= budget else math.inf
 
     parts = minimax_split(len(seconds), stages, cost)
     spans = list(enumerate(zip(parts, parts[1:])))
     if not all(a < b for _, (a, b) in spans) or max(cost(st, a, b) for st, (a, b) in spans) == math.inf:
-        least = minimax_split(len(seconds), stages, stage_bytes)
-        need = max(stage_bytes(st, a, b) for st, (a, b) in enumerate(zip(least, least[1:])))
-        raise ValueError(f"no split into {stages} stages fits {budget_bytes / 2**30:.3g} GiB per rank: the smallest "
+        if not strict:
+            return least
+        raise ValueError(f"no split into {stages} stages fits {budget / 2**30:.3g} GiB per rank: the smallest "
                          f"largest stage is {need / 2**30:.3g} GiB (split {least}); raise the budget, add stages or "
                          "use a smaller patch")
     return parts

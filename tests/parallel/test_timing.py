@@ -13,6 +13,7 @@ import pytest
 
 from ds_seg3d.parallel.partition import LayerProfile, activation_cost, check_boundaries, profile_partition
 from ds_seg3d.parallel.timing import (
+    AUTO_SLACK,
     MODEL_STATE_COPIES,
     balanced_partition,
     layer_seconds,
@@ -87,3 +88,20 @@ def test_balanced_partition_between_time_and_memory():
     assert max(_stage_bytes(profile, 3, 4, balanced_partition(seconds, profile, 3, 4, tight))) <= tight
     with pytest.raises(ValueError, match="no split into 3 stages fits"):
         balanced_partition(seconds, profile, 3, 4, tight * 0.5)
+
+
+def test_auto_without_budget_is_the_fastest_split_near_the_least_memory_and_never_fails():
+    rng = random.Random(13)
+    for _ in range(100):
+        n = rng.randint(2, 8)
+        stages, micro = rng.randint(2, min(n, 4)), rng.randint(1, 8)
+        seconds, profile = [rng.uniform(0.0, 1.0) for _ in range(n)], _profile(rng, n)
+        splits = [[0, *cuts, n] for cuts in itertools.combinations(range(1, n), stages - 1)]
+        least = min(max(_stage_bytes(profile, stages, micro, p)) for p in splits)
+        parts = balanced_partition(seconds, profile, stages, micro, None, strict=False)
+        assert max(_stage_bytes(profile, stages, micro, parts)) <= AUTO_SLACK * least
+        near = [p for p in splits if max(_stage_bytes(profile, stages, micro, p)) <= AUTO_SLACK * least]
+        assert math.isclose(max(stage_seconds(seconds, parts)), min(max(stage_seconds(seconds, p)) for p in near))
+        # a budget nothing fits: the least-memory split instead of an error
+        fallback = balanced_partition(seconds, profile, stages, micro, least * 0.5, strict=False)
+        assert math.isclose(max(_stage_bytes(profile, stages, micro, fallback)), least)
