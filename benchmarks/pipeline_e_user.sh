@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # 2-stage pipeline efficiency through the user's command: the same U-Net (4 levels, widths 16-128, patch
-# 64 x 64 x 32, default memory partition) trained with `--grad-accum 8` on 1 rank (1 stage) and on 2 ranks
+# 64 x 64 x 32, the default partition) trained with `--grad-accum 8` on 1 rank (1 stage) and on 2 ranks
 # (2 stages); seconds per step from each run's metrics.jsonl (median of steps 3-12), E = t1 / (2 * t2).
 # Usage: OMP_NUM_THREADS=1 bash benchmarks/pipeline_e_user.sh SHARDS [WORKDIR]   (about 2 minutes on 2 cores)
 set -euo pipefail

@@ -42,19 +42,23 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
 
 
-def check_deepspeed() -> None:
-    """Raise unless the installed DeepSpeed's ``_exec_backward_pass`` is one this module was checked against."""
+def check_source(name: str, known: dict[str, str], what: str, env: str) -> None:
+    """Raise unless ``PipelineEngine.<name>``'s source hashes to one of ``known`` (sha256 -> DeepSpeed version):
+    an override copied from DeepSpeed's code refuses to run beside code it was not checked against."""
     import deepspeed
-
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
-    digest = source_digest(PipelineEngine._exec_backward_pass)
-    if digest not in CHECKED:
+    digest = source_digest(getattr(PipelineEngine, name))
+    if digest not in known:
         raise RuntimeError(
-            f"DeepSpeed {deepspeed.__version__}: PipelineEngine._exec_backward_pass differs from the versions the "
-            f"joint backward was checked against ({', '.join(sorted(set(CHECKED.values())))}; source sha256 "
-            f"{digest[:12]}); check ds_seg3d/parallel/joint_backward.py against it, or set {ENV}=0 to run "
-            "DeepSpeed's own backward")
+            f"DeepSpeed {deepspeed.__version__}: PipelineEngine.{name} differs from the versions the {what} was "
+            f"checked against ({', '.join(sorted(set(known.values())))}; source sha256 {digest[:12]}); check it "
+            f"against that code, or set {env}=0 to run DeepSpeed's own")
+
+
+def check_deepspeed() -> None:
+    """Raise unless the installed DeepSpeed's ``_exec_backward_pass`` is one this module was checked against."""
+    check_source("_exec_backward_pass", CHECKED, "joint backward (ds_seg3d/parallel/joint_backward.py)", ENV)
 
 
 def install(engine: Any) -> bool:

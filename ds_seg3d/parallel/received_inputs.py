@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ds_seg3d.parallel.joint_backward import source_digest
+from ds_seg3d.parallel.joint_backward import check_source
 
 ENV = "DS_SEG3D_ONE_COPY"
 CHECKED = {
@@ -43,17 +43,8 @@ def enabled() -> bool:
 
 def check_deepspeed() -> None:
     """Raise unless the installed DeepSpeed's two instructions are ones this module was checked against."""
-    import deepspeed
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
     for name, known in CHECKED.items():
-        digest = source_digest(getattr(PipelineEngine, name))
-        if digest not in known:
-            raise RuntimeError(
-                f"DeepSpeed {deepspeed.__version__}: PipelineEngine.{name} differs from the versions the one-copy "
-                f"receive was checked against ({', '.join(sorted(set(known.values())))}; source sha256 "
-                f"{digest[:12]}); check ds_seg3d/parallel/received_inputs.py against it, or set {ENV}=0 to run "
-                "DeepSpeed's own")
+        check_source(name, known, "one-copy receive (ds_seg3d/parallel/received_inputs.py)", ENV)
 
 
 def install(engine: Any) -> bool:
