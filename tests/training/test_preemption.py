@@ -111,8 +111,10 @@ def test_a_signal_to_a_rank_saves_and_resume_continues_exactly(kidney_shards: Pa
     assert 3 <= step < STEPS, f"stopped at step {step}: the test needs it inside the short run"
     assert seconds < 30
 
-    run_deepspeed("ds_seg3d.train", [*_args(kidney_shards, tmp_path, run, STEPS), "--resume"], num_ranks=2,
-                  timeout=600, module=True)
+    resumed = run_deepspeed("ds_seg3d.train", [*_args(kidney_shards, tmp_path, run, STEPS), "--resume"],
+                            num_ranks=2, timeout=600, module=True)
+    kept = json.loads((run / "run.json").read_text())["topology"]["boundaries"]
+    assert len(kept) == 3 and f"pipeline partition: the run's own boundaries {kept} (resumed)" in resumed.stdout
     got = _losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
