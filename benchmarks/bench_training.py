@@ -236,6 +236,21 @@ def report(res: dict, args: argparse.Namespace, command: str, loads: list[str], 
     return "\n".join(lines)
 
 
+def gap_line(name: str, r: dict) -> str:
+    """What this run can attribute of the step-time gap to torch 1F1B at the largest m."""
+    m = max(MS)
+    gap = r["pipe"][m][0] - r["torch"]["1f1b"]["pipe"][m][0]
+    sent, opt = m * r["ping_pong_s"], r["opt_step"][0] - r["opt_step"][1]
+    per_cpu = [sp[m]["compute_cpu"] / (m * t) for sp, t in zip(r["stage_parts"], r["cand"]["joint"])]
+    return (f"- **{name}**: {gap:+.3f} s per step at m = {m}. DeepSpeed's gloo send/recv is blocking (a send returns "
+            f"when the other stage has received), so each boundary transfer is on the critical path: {m} round trips "
+            f"of {r['ping_pong_s'] * 1e3:.1f} ms = {sent:.3f} s per step, where torch batches `isend`/`irecv` and "
+            f"computes meanwhile. ZeRO-1's optimizer step costs {opt * 1e3:.1f} ms more than a plain one. The "
+            f"stages' compute in the DeepSpeed run took {per_cpu[0]:.2f}x / {per_cpu[1]:.2f}x the CPU time of the "
+            "stage alone (torch's compute is not timed apart from its schedule, so any difference there is not "
+            "attributed).")
+
+
 def versus_torch_report(res: dict, pm: Any) -> list[str]:
     """The side-by-side subsection: the same model on torch.distributed.pipelining."""
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
@@ -260,6 +275,7 @@ def versus_torch_report(res: dict, pm: Any) -> list[str]:
         "Step time at m = 8, ds-seg3d (DeepSpeed engine, one backward per stage) against torch 1F1B: "
         + ", ".join(f"{n} {v:.2f}x ({'at least as fast: PASS' if v <= 1.0 else f'{v - 1:.0%} behind: MISS'})"
                     for n, v in ratios.items()) + ".", "",
+        *(gap_line(n, r) for n, r in res.items()), "",
         *table("model | m | ds-seg3d T s | E | torch 1F1B T s | E | torch ZBV T s | E",
                [[n, m, pm(r["pipe"][m]), f"{r['eff'][m]:.2f}", pm(r["torch"]["1f1b"]["pipe"][m]),
                  f"{r['torch']['1f1b']['eff'][m]:.2f}",
