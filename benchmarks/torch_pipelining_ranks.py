@@ -144,6 +144,17 @@ class TorchPipeline:
                 "parts": {"schedule": w1 - w0, "schedule_cpu": c1 - c0, "step": w2 - w1}}
 
 
+def barrier_steps(pipe: TorchPipeline, data: list) -> Any:
+    """``rounds``' step function: both ranks start each step together."""
+    from torch import distributed as tdist
+
+    def step(m: int, r: int) -> list[dict]:
+        tdist.barrier()
+        return [pipe.step(data, m)]
+
+    return step
+
+
 def run_torch(args: argparse.Namespace, work: Path) -> None:
     """2 ranks: each model on 1F1B (the pipe role's split) and on ZBV, timed in interleaved rounds, then peaks."""
     from torch import distributed as tdist
@@ -158,16 +169,12 @@ def run_torch(args: argparse.Namespace, work: Path) -> None:
         for kind in SCHEDULES:
             parts = single[name]["candidates"][method]["parts"] if kind == "1f1b" else single[name]["zbv_parts"]
             ms = [m for m in MS if kind == "1f1b" or m >= STAGES]
-            make = lambda: TorchPipeline(name, kind, parts, single[name]["optimizer"], cfg)  # noqa: E731
-            pipe = make()
 
-            def step(m: int, r: int) -> list[dict]:
-                tdist.barrier()  # both ranks start the step together
-                return [pipe.step(data, m)]
+            def make(name: str = name, kind: str = kind, parts: list[int] = parts) -> TorchPipeline:
+                return TorchPipeline(name, kind, parts, single[name]["optimizer"], cfg)
 
-            steps = rounds(args, work, step, ms)
-            del pipe, step
-            gc.collect()
+            steps = rounds(args, work, barrier_steps(make(), data), ms)
+            gc.collect()  # the timed pipeline is gone before the peak is measured on a fresh one
             peak = measure_peak(make, lambda p: p.step(data, max(MS)))
             out[kind] = {"parts": parts, "steps": steps, "peak": peak}
         result[name] = out
