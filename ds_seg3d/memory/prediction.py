@@ -32,7 +32,8 @@ from ds_seg3d.memory.measurement import PeakTracker
 from ds_seg3d.memory.replay import StageKey
 from ds_seg3d.memory.spec import RunSpec
 from ds_seg3d.models import CNN2DConfig, DeepCNNConfig, UNet3DConfig, count_parameters
-from ds_seg3d.parallel.partition import LayerProfile, check_boundaries, minimax_split, profile_partition, stage_profile
+from ds_seg3d.parallel.layer_profile import LayerProfile, stage_profile
+from ds_seg3d.parallel.partition import check_boundaries, minimax_split, profile_partition
 from ds_seg3d.parallel.topology import in_flight
 
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2}

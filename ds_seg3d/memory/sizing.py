@@ -17,7 +17,8 @@ from typing import Any
 from ds_seg3d.data.shard_format import load_manifest
 from ds_seg3d.memory.spec import RunSpec
 from ds_seg3d.models import count_parameters
-from ds_seg3d.parallel.partition import predicted_stage_bytes, profile_partition, stage_profile
+from ds_seg3d.parallel.layer_profile import stage_profile
+from ds_seg3d.parallel.partition import predicted_stage_bytes, profile_partition
 from ds_seg3d.planning.plans import NetworkPlan, Plans, median_training_shape, plan_network
 
 GIB = 2**30

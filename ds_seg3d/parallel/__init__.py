@@ -11,17 +11,15 @@ import importlib
 from typing import Any
 
 from ds_seg3d.parallel.ds_config import check_ds_config, fill_batch_fields, load_ds_config, topology_for
+from ds_seg3d.parallel.layer_profile import LayerProfile, profile_layers, scale_profile
 from ds_seg3d.parallel.partition import (
-    LayerProfile,
     StageBytes,
     compare_partitions,
     memory_partition,
     parameter_partition,
     partition_table,
     predicted_stage_bytes,
-    profile_layers,
     profile_partition,
-    scale_profile,
     uniform_partition,
 )
 from ds_seg3d.parallel.topology import Topology, in_flight

@@ -9,10 +9,9 @@ device: weights do not depend on the split, and pipelined and single-device runs
 DeepSpeed 0.19.8 partitions by ``"parameters"``, ``"uniform"`` or ``"type:<regex>"``; its
 ``"profile"`` method raises ``NotImplementedError`` and there is no hook for explicit boundaries.
 ``"memory"``, ``"time"`` and ``"balanced"`` (time under a memory budget) are therefore a ``PipelineModule``
-subclass whose ``_partition_layers`` installs the boundaries computed by ``ds_seg3d.parallel.partition`` or
-``ds_seg3d.parallel.timing``
-(the method DeepSpeed's constructor calls before building any layer). The same subclass repairs DeepSpeed's own methods for seeded builds
-(see ``PartitionedPipelineModule``).
+subclass whose ``_partition_layers`` installs the boundaries computed by ``ds_seg3d.parallel.partition``
+or ``ds_seg3d.parallel.timing`` (the method DeepSpeed's constructor calls before building any layer). The
+same subclass repairs DeepSpeed's own methods for seeded builds (see ``PartitionedPipelineModule``).
 
 Activation checkpointing uses DeepSpeed's non-reentrant variant. The pipe engine back-propagates
 a stage's tuple outputs one tensor at a time (``retain_graph`` between them); the reentrant
@@ -30,7 +29,8 @@ from deepspeed import comm as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
-from ds_seg3d.parallel.partition import LayerLike, check_boundaries, partition_table, profile_partition, stage_profile
+from ds_seg3d.parallel.layer_profile import LayerLike, stage_profile
+from ds_seg3d.parallel.partition import check_boundaries, partition_table, profile_partition
 from ds_seg3d.parallel.timing import balanced_partition, layer_seconds, stage_seconds, time_partition
 from ds_seg3d.parallel.topology import Topology
 

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_seg3d.parallel.partition import LayerLike, LayerProfile, activation_cost, minimax_split
+from ds_seg3d.parallel.layer_profile import LayerLike, LayerProfile
+from ds_seg3d.parallel.partition import activation_cost, minimax_split
 
 
 def _leaves(x: Any) -> Any:

@@ -13,17 +13,15 @@ from torch import nn
 
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.unet3d import UNet3DConfig
+from ds_seg3d.parallel.layer_profile import LayerProfile, profile_layers, scale_profile
 from ds_seg3d.parallel.partition import (
-    LayerProfile,
     check_boundaries,
     compare_partitions,
     memory_partition,
     parameter_partition,
     partition_table,
     predicted_stage_bytes,
-    profile_layers,
     profile_partition,
-    scale_profile,
     stage_fixed_bytes,
     uniform_partition,
 )

@@ -14,7 +14,8 @@ from deepspeed.runtime.utils import partition_balanced
 
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.layers import build_sequential
-from ds_seg3d.parallel.partition import profile_partition, stage_profile
+from ds_seg3d.parallel.layer_profile import stage_profile
+from ds_seg3d.parallel.partition import profile_partition
 from tests.launch import run_deepspeed
 from tests.ranks import pipeline_equivalence as script
 

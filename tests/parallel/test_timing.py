@@ -5,13 +5,13 @@ import itertools
 import math
 import random
 
+import pytest
 import torch
 
 from ds_seg3d.models import build_layers
 from ds_seg3d.models.unet3d import UNet3DConfig
-import pytest
-
-from ds_seg3d.parallel.partition import LayerProfile, activation_cost, check_boundaries, profile_partition
+from ds_seg3d.parallel.layer_profile import LayerProfile
+from ds_seg3d.parallel.partition import activation_cost, check_boundaries, profile_partition
 from ds_seg3d.parallel.timing import (
     AUTO_SLACK,
     MODEL_STATE_COPIES,
