@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def report(rows: list[dict], args: argparse.Namespace, left_out: int, split_move
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     pct = lambda v: f"{100 * v:+.1f} %"  # noqa: E731
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    shown = " ".join(sys.argv[1:]) if len(sys.argv) > 1 else f"{args.before} {args.after}"
+    shown = shlex.join(sys.argv[1:]) if len(sys.argv) > 1 else f"{args.before} {args.after}"
     worst = max(rows, key=lambda r: abs(r["error_after"]))
     within = sum(abs(r["error_after"]) <= 10 for r in rows)
     lines = [SECTION, "", f"Written by `python benchmarks/compare_memory_sweeps.py {shown}` on {now}.", "",
