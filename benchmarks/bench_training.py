@@ -102,19 +102,6 @@ def versus_torch(single_s: dict, ds_pipe: list[dict], torch_ranks: list[dict]) -
     return out
 
 
-def sends_ab(p0: dict, p1: dict) -> dict:
-    """The A/B of the pipe role: per m, the step time with the engine's early sends and with DeepSpeed's own
-    (the slower rank's, median ± IQR), and the median of the per-pair ratios early / DeepSpeed."""
-    out: dict[str, Any] = {}
-    pairs = list(zip(p0["sends_ab"], p1["sends_ab"]))
-    for m in MS:
-        rows = [(k, max(a["s"], b["s"])) for a, b in pairs if a["m"] == m for k in [a["sends"]]]
-        early, stock = ([s for k, s in rows if k == kind] for kind in ("early", "deepspeed"))
-        out[m] = {"early": stats(early), "deepspeed": stats(stock),
-                  "ratio": stats([e / d for e, d in zip(early, stock)])}
-    return out
-
-
 def summarise(single: dict, pipe: list[dict], torch_ranks: list[dict]) -> dict:
     """Per model: medians and IQRs, back-to-back pair ratios, efficiencies and the per-stage breakdown."""
     out = {}
@@ -143,7 +130,6 @@ def summarise(single: dict, pipe: list[dict], torch_ranks: list[dict]) -> dict:
             "pipe": pipe_s, "eff": {m: single_s[m][0] / pipe_s[m][0] / STAGES for m in MS},
             "ceiling": {m: ceiling(cand["joint"], cand["joint"], m) for m in MS},
             "stage_parts": [{m: med_parts([r for r in p["steps"] if r["m"] == m]) for m in MS} for p in (p0, p1)],
-            "sends_ab": sends_ab(p0, p1),
             "crossing_bytes": p0["crossing_bytes"], "ping_pong_s": p0["ping_pong_s"], "peak": [p0["peak"], p1["peak"]],
             "torch": versus_torch(single_s, [p0, p1], [t[name] for t in torch_ranks]),
         }
@@ -238,24 +224,13 @@ def report(res: dict, args: argparse.Namespace, command: str, loads: list[str], 
                  ok(r["eff"][m] >= 0.9 * m / (m + STAGES - 1))] for n, r in res.items() for m in MS]), "",
         "Where each rank's step goes (median s per step). *compute*: forward + backward; *core*: the share of a core "
         "the rank's thread got meanwhile (CPU time / wall time); *alone*: m x the stage's time alone; *p2p*: "
-        "posting sends (ds-seg3d's engine does not wait for them: it sends each output right after its forward "
-        "pass) and blocking receives, waiting for the other stage included (a posted gradient send is waited for "
-        "before the stage's next forward or backward pass, inside *compute*); *step*: ZeRO-1 reduce, the gradient-norm "
+        "blocking gloo send/recv, waiting for the other stage included; *step*: ZeRO-1 reduce, the gradient-norm "
         "all-reduce over both stages (clipping: the last stage waits there for the first), optimizer; *other*: "
         "loading, schedule, loss broadcast, monitor.", "",
         *table("model | m | stage | compute | core | alone | p2p | step | other",
                [[n, m, st, f"{p['compute']:.3f}", f"{p['compute_cpu'] / p['compute']:.0%}",
                  f"{m * r['cand']['joint'][st]:.3f}", *(f"{p[k]:.3f}" for k in ("p2p", "step", "other"))]
                 for n, r in res.items() for m in MS for st, p in enumerate(sp[m] for sp in r["stage_parts"])]),
-        "", "Early sends, A/B on one engine (2 ranks, the same split): ds-seg3d's engine sends each output right "
-        "after the forward pass that made it and does not wait for the send (`ds_seg3d/parallel/early_sends.py`); "
-        "DeepSpeed 0.19.8 sends it one step later, after receiving an earlier micro-batch's gradient, and its send "
-        "returns only when the other stage has received. After the timed rounds above, each m ran "
-        f"{args.rounds} more times with each, back to back, taking turns to go first. T: the slower rank's step, "
-        "median ± IQR/2; ratio: median of the pairs' early / DeepSpeed.", "",
-        *table("model | m | T early sends s | T DeepSpeed's sends s | early / DeepSpeed",
-               [[n, m, pm(r["sends_ab"][m]["early"]), pm(r["sends_ab"][m]["deepspeed"]),
-                 f"{r['sends_ab'][m]['ratio'][0]:.3f}"] for n, r in res.items() for m in MS]),
         "", "What limits the numbers (from this run):", "", *limits(res), "",
         f"![pipeline efficiency vs micro-batches]({png})", "", *versus_torch_report(res, pm), ""]
     return "\n".join(lines)
@@ -265,18 +240,17 @@ def gap_line(name: str, r: dict) -> str:
     """What this run can attribute of the step-time gap to torch 1F1B at the largest m."""
     m = max(MS)
     gap = r["pipe"][m][0] - r["torch"]["1f1b"]["pipe"][m][0]
-    opt = r["opt_step"][0] - r["opt_step"][1]
-    parts = [sp[m] for sp in r["stage_parts"]]
-    per_cpu = [p["compute_cpu"] / (m * t) for p, t in zip(parts, r["cand"]["joint"])]
-    return (f"- **{name}**: {gap:+.3f} s per step at m = {m} (ds-seg3d {'ahead' if gap <= 0 else 'behind'}). Both "
-            "send each output right after the forward pass that made it and do not wait for the send (ds-seg3d's "
-            "engine posts `isend`s, `ds_seg3d/parallel/early_sends.py`; torch batches `isend`/`irecv`); ds-seg3d's "
-            f"stages spend {parts[0]['p2p']:.3f} / {parts[1]['p2p']:.3f} s per step in sends and receives, waiting "
-            f"for the other stage included (a blocking round trip of the boundary's tensors takes "
-            f"{r['ping_pong_s'] * 1e3:.1f} ms). ZeRO-1's optimizer step costs {opt * 1e3:.1f} ms more than a plain "
-            f"one. The stages' compute in the DeepSpeed run took {per_cpu[0]:.2f}x / {per_cpu[1]:.2f}x the CPU time "
-            "of the stage alone (torch's compute is not timed apart from its schedule, so any difference there is "
-            "not attributed).")
+    sent, opt = m * r["ping_pong_s"], r["opt_step"][0] - r["opt_step"][1]
+    per_cpu = [sp[m]["compute_cpu"] / (m * t) for sp, t in zip(r["stage_parts"], r["cand"]["joint"])]
+    return (f"- **{name}**: {gap:+.3f} s per step at m = {m} (ds-seg3d {'ahead' if gap <= 0 else 'behind'}). "
+            "DeepSpeed's gloo send/recv is blocking (a send returns when the other stage has received) and its "
+            "schedule sends a micro-batch's activations only after receiving an earlier one's gradient, where torch "
+            f"sends right after the forward pass and batches `isend`/`irecv`: {m} round trips of "
+            f"{r['ping_pong_s'] * 1e3:.1f} ms = {sent:.3f} s per step at most on the critical path, and sending "
+            "early without blocking did not measurably shorten the step (\"Early, non-blocking sends\" below). "
+            f"ZeRO-1's optimizer step costs {opt * 1e3:.1f} ms more than a plain one. The stages' compute in the "
+            f"DeepSpeed run took {per_cpu[0]:.2f}x / {per_cpu[1]:.2f}x the CPU time of the stage alone (torch's "
+            "compute is not timed apart from its schedule, so any difference there is not attributed).")
 
 
 def versus_torch_report(res: dict, pm: Any) -> list[str]:
@@ -300,8 +274,7 @@ def versus_torch_report(res: dict, pm: Any) -> list[str]:
                                                                for n, r in res.items())
         + ": both run the same training. T: the slower rank's step, median ± IQR/2; E = T_single / T / p with "
         "the T_single above.", "",
-        "Step time at m = 8, ds-seg3d (DeepSpeed engine with one backward per stage, one copy of what a stage "
-        "receives and early non-blocking sends) against torch 1F1B: "
+        "Step time at m = 8, ds-seg3d (DeepSpeed engine, one backward per stage) against torch 1F1B: "
         + ", ".join(f"{n} {v:.2f}x ({'at least as fast: PASS' if v <= 1.0 else f'{v - 1:.0%} behind: MISS'})"
                     for n, v in ratios.items()) + ".", "",
         *(gap_line(n, r) for n, r in res.items()), "",
@@ -414,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         # the method whose slowest stage, in one autograd call as ds-seg3d's engine runs it, is fastest
         methods = [min(c, key=lambda k: max(c[k]["joint"])) for c in (single[n]["candidates"] for n in args.models)]
         loads.append(load())
-        launch(STAGES, ["--role", "pipe", *common, "--partitions", *methods], work,
-               steps + 2 * args.rounds * len(MS) * len(args.models), "2 ranks: 2-stage pipe")
+        launch(STAGES, ["--role", "pipe", *common, "--partitions", *methods], work, steps, "2 ranks: 2-stage pipe")
         pipe = [json.loads((work / f"pipe_rank{r}.json").read_text()) for r in range(STAGES)]
         loads.append(load())
         torch_steps = (2 * args.warmup + args.rounds * (2 * len(MS) - 1)) * len(args.models)  # ZBV: m >= 2

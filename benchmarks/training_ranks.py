@@ -2,15 +2,13 @@
 
 ``--role single`` (1 rank): the single-stage PipelineEngine and a plain PyTorch loop of the same layers,
 step by step in turn, then the stage timings of the candidate splits. ``--role pipe`` (2 ranks): the same
-model as 2 stages, then the same steps with the engine's early sends and with DeepSpeed's own in turn (an A/B
-on one engine), then the raw cost of moving one boundary's tensors both ways. Each role sweeps the
+model as 2 stages, then the raw cost of moving one boundary's tensors both ways. Each role sweeps the
 micro-batches per step m in interleaved rounds, so a neighbour's load burst hits every m alike, and
 writes its result as JSON into ``--work`` for the driver.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -40,7 +38,6 @@ MODELS: dict[str, Any] = {
 GROUP = {"ForwardPass": "compute", "BackwardPass": "compute", "SendActivation": "p2p", "RecvActivation": "p2p",
          "SendGrad": "p2p", "RecvGrad": "p2p", "OptimizerStep": "step", "ReduceGrads": "step",
          "ReduceTiedGrads": "step", "LoadMicroBatch": "other"}
-SENDS = ("early", "deepspeed")  # the engine's early, non-blocking sends; DeepSpeed 0.19.8's order, blocking
 
 
 def clock() -> tuple[float, float]:
@@ -96,43 +93,22 @@ def stage_times(defs: list, parts: list[int], data: list, joint: bool, repeats: 
     return [float(v) for v in np.median(np.array(runs[1:]), axis=0)], crossing
 
 
-def timed(acc: dict[str, list[float]], fn: Any, name: str) -> Any:
-    """``fn`` (a pipe instruction) adding its wall and CPU seconds to ``acc[name]``."""
-    def run(self: Any, **kwargs: Any) -> None:
-        w0, c0 = clock()
-        fn(self, **kwargs)
-        w1, c1 = clock()
-        tot = acc.setdefault(name, [0.0, 0.0])
-        tot[0], tot[1] = tot[0] + w1 - w0, tot[1] + c1 - c0
-    return run
-
-
 def instrument(engine: Any) -> dict[str, list[float]]:
     """Wall and CPU seconds per pipe instruction, accumulated until cleared: where a step's time goes."""
     acc: dict[str, list[float]] = {}
-    # the instance map: ds-seg3d's engine puts its own instructions there (joint_backward, received_inputs, ...)
-    engine._INSTRUCTION_MAP = {k: timed(acc, v, k.__name__) for k, v in engine._INSTRUCTION_MAP.items()}
+
+    def timed(fn: Any, name: str) -> Any:
+        def run(self: Any, **kwargs: Any) -> None:
+            w0, c0 = clock()
+            fn(self, **kwargs)
+            w1, c1 = clock()
+            tot = acc.setdefault(name, [0.0, 0.0])
+            tot[0], tot[1] = tot[0] + w1 - w0, tot[1] + c1 - c0
+        return run
+
+    # the instance map: ds-seg3d's engine puts its joint backward there (joint_backward.install)
+    engine._INSTRUCTION_MAP = {k: timed(v, k.__name__) for k, v in engine._INSTRUCTION_MAP.items()}
     return acc
-
-
-def send_switch(engine: Any, acc: dict[str, list[float]]) -> Callable[[str], None]:
-    """``use("early")`` / ``use("deepspeed")``: the engine's early, non-blocking sends (early_sends.install) or
-    DeepSpeed 0.19.8's own send order and blocking sends, on the same engine, for an A/B within one run (the
-    compute passes stay as installed: with nothing posted, their wait for posted sends does nothing)."""
-    from deepspeed.runtime.pipe import schedule
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    early_map, early_schedule = engine._INSTRUCTION_MAP, engine.__dict__.get("_exec_schedule")
-    stock_map = {**early_map,
-                 schedule.SendActivation: timed(acc, PipelineEngine._exec_send_activations, "SendActivation"),
-                 schedule.SendGrad: timed(acc, PipelineEngine._exec_send_grads, "SendGrad")}
-
-    def use(kind: str) -> None:
-        engine._INSTRUCTION_MAP = early_map if kind == "early" else stock_map
-        engine.__dict__.pop("_exec_schedule", None)
-        if kind == "early" and early_schedule is not None:
-            engine._exec_schedule = early_schedule
-    return use
 
 
 def build_engine(name: str, stages: int, method: str, work: Path,
@@ -241,19 +217,6 @@ def run_single(args: argparse.Namespace, work: Path) -> None:
     write_json(work / "single.json", result)
 
 
-def both_sends(engine: Any, acc: dict, use: Callable[[str], None], data: list, m: int, r: int) -> list[dict]:
-    """One step with the engine's early sends and one with DeepSpeed's, back to back, taking turns to go first."""
-    from deepspeed import comm as dist
-
-    out = []
-    for kind in SENDS[::1 - 2 * (r % 2)]:
-        use(kind)
-        dist.barrier()  # both ranks start the step together
-        out.append({**ds_step(engine, acc, data, m), "sends": kind})
-    use("early")
-    return out
-
-
 def ping_pong(tensors: list[torch.Tensor], rank: int, reps: int = 10) -> float:
     """Seconds to send a stage boundary's tensors and get same-sized gradients back, both ranks ready."""
     from deepspeed import comm as dist
@@ -270,8 +233,7 @@ def ping_pong(tensors: list[torch.Tensor], rank: int, reps: int = 10) -> float:
 
 
 def run_pipe(args: argparse.Namespace, work: Path) -> None:
-    """2 ranks: the same steps as 2 stages, the A/B of early sends against DeepSpeed's, then the raw cost of moving
-    one boundary's tensors both ways."""
+    """2 ranks: the same steps as 2 stages, then the raw cost of moving one boundary's tensors both ways."""
     from deepspeed import comm as dist
 
     data, result = micro_batches(max(MS)), {}
@@ -285,17 +247,15 @@ def run_pipe(args: argparse.Namespace, work: Path) -> None:
             return [ds_step(engine, acc, data, m)]
 
         steps = rounds(args, work, step)
-        ab = functools.partial(both_sends, engine, acc, send_switch(engine, acc), data)
-        sends_ab = rounds(argparse.Namespace(rounds=args.rounds, warmup=0), work, ab)
         with torch.no_grad():
             crossing = list(as_tuple(build_sequential(build_layers(name, MODELS[name])[:parts[1]])(data[0][0])))
         stage, ping = int(engine.stage_id), ping_pong(crossing, dist.get_rank())
-        del engine, module, step, ab
+        del engine, module, step
         gc.collect()  # DeepSpeed engines hold reference cycles; free one before building the next
         peak = measure_peak(lambda: build_engine(name, STAGES, method, work, parts)[0],
                             lambda e: ds_step(e, {}, data, max(MS)))
-        result[name] = {"steps": steps, "sends_ab": sends_ab, "stage": stage, "parts": parts, "method": method,
-                        "peak": peak, "crossing_bytes": sum(t.numel() * t.element_size() for t in crossing), "ping_pong_s": ping}
+        result[name] = {"steps": steps, "stage": stage, "parts": parts, "method": method, "peak": peak,
+                        "crossing_bytes": sum(t.numel() * t.element_size() for t in crossing), "ping_pong_s": ping}
     write_json(work / f"pipe_rank{dist.get_rank()}.json", result)
     dist.barrier()
 

@@ -20,7 +20,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import PipelineModule
 
-from ds_seg3d.parallel import early_sends, joint_backward, received_inputs
+from ds_seg3d.parallel import joint_backward, received_inputs
 from ds_seg3d.parallel.ds_config import check_ds_config, topology_for
 from ds_seg3d.parallel.launch import free_port
 from ds_seg3d.parallel.topology import Topology
@@ -119,7 +119,6 @@ def initialize_pipeline(module: PipelineModule, ds_cfg: dict[str, Any]) -> Any:
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=cfg, lr_scheduler=scheduler)
     joint_backward.install(engine)  # one backward per stage and micro-batch, not one per sent tensor
     received_inputs.install(engine)  # one copy of what a stage receives, not three
-    early_sends.install(engine)  # outputs sent right after their forward pass, without blocking (wraps the above)
     return engine
 
 

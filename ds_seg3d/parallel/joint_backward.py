@@ -42,18 +42,16 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
 
 
-def check_source(name: str, known: dict[str, str], what: str, env: str, owner: Any = None) -> None:
-    """Raise unless ``owner.<name>``'s source (owner: ``PipelineEngine`` unless given) hashes to one of ``known``
-    (sha256 -> DeepSpeed version): an override copied from DeepSpeed's code, or relying on it, refuses to run
-    beside code it was not checked against."""
+def check_source(name: str, known: dict[str, str], what: str, env: str) -> None:
+    """Raise unless ``PipelineEngine.<name>``'s source hashes to one of ``known`` (sha256 -> DeepSpeed version):
+    an override copied from DeepSpeed's code refuses to run beside code it was not checked against."""
     import deepspeed
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
-    owner = PipelineEngine if owner is None else owner
-    digest = source_digest(getattr(owner, name))
+    digest = source_digest(getattr(PipelineEngine, name))
     if digest not in known:
         raise RuntimeError(
-            f"DeepSpeed {deepspeed.__version__}: {owner.__name__}.{name} differs from the versions the {what} was "
+            f"DeepSpeed {deepspeed.__version__}: PipelineEngine.{name} differs from the versions the {what} was "
             f"checked against ({', '.join(sorted(set(known.values())))}; source sha256 {digest[:12]}); check it "
             f"against that code, or set {env}=0 to run DeepSpeed's own")
 

@@ -51,27 +51,3 @@ def test_torch_stage_takes_a_tuple_as_arguments_and_copies_views_only_when_asked
     assert isinstance(plain, tuple) and any(t._is_view() for t in plain)  # else the copying is never exercised
     assert not any(t._is_view() for t in copied)
     assert all(torch.equal(a, b) for a, b in zip(plain, copied))
-
-
-def test_send_switch_swaps_only_the_sends_and_the_schedule_order() -> None:
-    """The A/B runs DeepSpeed's own send instructions and schedule loop on the same engine, then puts the early
-    sends back; every other instruction stays the installed (timed) one."""
-    from deepspeed.runtime.pipe import schedule
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    class Engine:
-        pass
-
-    engine, early = Engine(), object()
-    installed = {kind: object() for kind in (schedule.SendActivation, schedule.SendGrad, schedule.ForwardPass)}
-    engine._INSTRUCTION_MAP = dict(installed)
-    engine._exec_schedule = early
-    use = training_ranks.send_switch(engine, {})
-    use("deepspeed")
-    assert "_exec_schedule" not in engine.__dict__
-    assert engine._INSTRUCTION_MAP[schedule.ForwardPass] is installed[schedule.ForwardPass]
-    stock = engine._INSTRUCTION_MAP[schedule.SendActivation]
-    assert stock is not installed[schedule.SendActivation]
-    assert stock.__closure__ and PipelineEngine._exec_send_activations in [c.cell_contents for c in stock.__closure__]
-    use("early")
-    assert engine._exec_schedule is early and engine._INSTRUCTION_MAP == installed

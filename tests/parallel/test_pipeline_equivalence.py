@@ -73,19 +73,12 @@ def test_deep_supervision_logits_cross_the_pipe_and_train_as_on_one_device(tmp_p
     _assert_equivalent(results, [0, 6, 8], cfg=script.SUPERVISED)
 
 
-def _sent_before_first_gradient(instructions: list[str]) -> int:
-    return instructions[:instructions.index("RecvGrad")].count("SendActivation")
-
-
-def test_one_backward_walk_one_received_copy_and_early_sends_with_deepspeeds_own_gradients(tmp_path):
-    """DeepSpeed 0.19.8 walks a stage's graph once per tensor it sent (the shared encoder once per skip),
-    keeps a receive buffer, a stored clone and a forward clone of what a stage receives, and sends a
-    micro-batch's activations only after an earlier gradient has arrived; ds_seg3d's engine walks it once,
-    runs the forward pass on the one stored copy and sends each output right after its forward pass, and
-    every weight update is DeepSpeed's."""
+def test_one_backward_walk_and_one_received_copy_with_deepspeeds_own_gradients(tmp_path):
+    """DeepSpeed 0.19.8 walks a stage's graph once per tensor it sent (the shared encoder once per skip), and
+    keeps a receive buffer, a stored clone and a forward clone of what a stage receives; ds_seg3d's engine
+    walks it once and runs the forward pass on the one stored copy, and every weight update is DeepSpeed's."""
     args = ("--partition", "uniform", "--grad-accum", "2")
-    stock = _run(tmp_path / "stock", *args, env={"DS_SEG3D_JOINT_BACKWARD": "0", "DS_SEG3D_ONE_COPY": "0",
-                                                   "DS_SEG3D_EARLY_SENDS": "0"})
+    stock = _run(tmp_path / "stock", *args, env={"DS_SEG3D_JOINT_BACKWARD": "0", "DS_SEG3D_ONE_COPY": "0"})
     joint = _run(tmp_path / "joint", *args)
     first_stock, first_joint = stock[0], joint[0]
     assert first_stock["crossing_tensors"] >= 2
@@ -94,11 +87,6 @@ def test_one_backward_walk_one_received_copy_and_early_sends_with_deepspeeds_own
     # the receiving stage: DeepSpeed's forward runs on clones and its receive buffers stay allocated
     assert stock[1]["forward_on_stored_inputs"] == [False, False] and stock[1]["receive_pool_bytes"] > 0
     assert joint[1]["forward_on_stored_inputs"] == [True, True] and joint[1]["receive_pool_bytes"] == 0
-    # stage 0: both micro-batches' activations are on their way before the first gradient is awaited
-    assert _sent_before_first_gradient(stock[0]["instructions"]) == 1
-    assert _sent_before_first_gradient(joint[0]["instructions"]) == 2
-    for a, b in zip(stock, joint):  # the same work, reordered
-        assert sorted(a["instructions"]) == sorted(b["instructions"])
     for a, b in zip(stock, joint):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-7)
         for index, params in a["updates"].items():

@@ -135,15 +135,6 @@ def main() -> None:
 
     engine = initialize_pipeline(module, sgd_config(topology))
     holder.append(engine)
-    executed = []  # the instructions this rank ran, in order
-
-    def recorded(kind, instruction):
-        def run(self, **kwargs):
-            executed.append(kind.__name__)
-            return instruction(self, **kwargs)
-        return run
-
-    engine._INSTRUCTION_MAP = {k: recorded(k, v) for k, v in engine._INSTRUCTION_MAP.items()}
     data = batches(topology)
     loss = float(engine.train_batch(iter(data)))
 
@@ -173,7 +164,6 @@ def main() -> None:
         "layers": layers,
         "first_layer_backward_walks": walks[0],
         "forward_on_stored_inputs": on_stored,
-        "instructions": executed,
         "receive_pool_bytes": sum(t.numel() * t.element_size() for t in engine._grad_layer_buf),
         "micro_batches": topology.grad_accum,
         "updates": {i: {k: (layer.state_dict()[k].float() - pipe_initial[i][k].float()).flatten()[:64].tolist()
