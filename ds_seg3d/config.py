@@ -34,6 +34,9 @@ class DataConfig:
     """Training patch augmentation: "nnunet" (nnU-Net's transforms: rotation, scaling, noise, blur,
     brightness, contrast, low resolution, gamma, mirroring), "light" (flips, in-plane quarter turns,
     intensity scale/shift and noise; ``true`` in earlier configs) or "none" (``false``)."""
+    spatial_prob: float = 0.2
+    """With ``augment = "nnunet"``: probability of the rotation and, separately, of the scaling of a patch
+    (nnU-Net's 0.2)."""
     train_split: str = "train"
     """Manifest split to train on."""
     val_split: str = "val"
@@ -49,6 +52,8 @@ class DataConfig:
             raise ValueError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if not 0.0 <= self.oversample_foreground <= 1.0:
             raise ValueError(f"data.oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
+        if not 0.0 <= self.spatial_prob <= 1.0:
+            raise ValueError(f"data.spatial_prob must be in [0, 1], got {self.spatial_prob}")
 
 
 PLANNED = "planned"

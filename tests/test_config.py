@@ -100,6 +100,7 @@ OVERRIDES = [
     ("train.steps=7", lambda c: c.train.steps, 7, int),
     ("train.seed= 99", lambda c: c.train.seed, 99, int),
     ("data.oversample_foreground=0.75", lambda c: c.data.oversample_foreground, 0.75, float),
+    ("data.spatial_prob=1", lambda c: c.data.spatial_prob, 1.0, float),
     ("train.dice_weight=2", lambda c: c.train.dice_weight, 2.0, float),
     ("data.augment=false", lambda c: c.data.augment, "none", str),  # earlier configs' flag
     ("data.augment=off", lambda c: c.data.augment, "none", str),
@@ -149,6 +150,7 @@ def test_overrides_apply_on_top_of_file_in_order(tmp_path):
     (["data.patch=64,64"], "data.patch"),
     (["data.patch=0,64,32"], "data.patch"),
     (["data.oversample_foreground=1.5"], "oversample_foreground"),
+    (["data.spatial_prob=-0.1"], "spatial_prob"),
     (["data.augment=maybe"], "data.augment"),
     (["model.name=resnet"], "resnet"),
     (["model.params=[1, 2]"], "model.params"),

@@ -2,11 +2,12 @@
 
 ``NnUNetAugment`` is nnU-Net v2.8.1's training augmentation (``nnUNetTrainer.get_training_transforms``)
 built from MONAI's transforms: rotation (p 0.2; +-30 degrees about every axis, or +-180 in-plane for an
-anisotropic 3D patch or a slice-wise network) and isotropic scaling (p 0.2, 0.7-1.4), both applied to a
-larger region around the patch (``region``) and cropped to it, so neither pads inside the patch; Gaussian
-noise (p 0.1), Gaussian blur (p 0.2), multiplicative brightness (p 0.15), contrast about the mean (p 0.15),
-simulated low resolution (p 0.25), gamma on the inverted image (p 0.1) and on the image (p 0.3), and a flip
-of every axis with probability 0.5 (in-plane axes only for the slice-wise network). MONAI rather than
+anisotropic 3D patch or a slice-wise network) and isotropic scaling (p 0.2, 0.7-1.4; ``spatial_prob`` sets
+both p), both applied to a larger region around the patch (``region``) and cropped to it, so neither pads
+inside the patch; Gaussian noise (p 0.1), Gaussian blur (p 0.2), multiplicative brightness (p 0.15),
+contrast about the mean (p 0.15), simulated low resolution (p 0.25), gamma on the inverted image (p 0.1)
+and on the image (p 0.3), and a flip of every axis with probability 0.5 (in-plane axes only for the
+slice-wise network). MONAI rather than
 nnU-Net's own batchgeneratorsv2: it covers every transform, draws from random states it owns (seeded per
 sample here, never the global ones), and adds no dependency beyond torch and numpy; both cost under 1 %
 of a training step (BENCHMARKS.md, "Augmentation").
@@ -158,11 +159,12 @@ def region(patch: Sequence[int], slices: bool = False) -> tuple[int, int, int]:
 class NnUNetAugment:
     """nnU-Net's training augmentation of one patch (see the module docstring).
 
+    ``spatial_prob``: the probability of the rotation and, separately, of the scaling (nnU-Net's 0.2).
     ``__call__(image (C, *region), label (*region), seed)`` returns the augmented (image (C, *patch),
     label (*patch)) as numpy arrays; the same seed always gives the same result.
     """
 
-    def __init__(self, patch: Sequence[int], slices: bool = False):
+    def __init__(self, patch: Sequence[int], slices: bool = False, spatial_prob: float = 0.2):
         from monai import transforms as mt
 
         self.patch = tuple(int(n) for n in patch)
@@ -172,9 +174,9 @@ class NnUNetAugment:
         self.pipeline = mt.Compose([
             # zoom the whole region (zooming out keeps at least the patch inside it), then rotate onto the
             # patch grid about the region's centre, then the patch itself
-            mt.RandZoomd(keys, prob=0.2, min_zoom=1 / 1.4, max_zoom=1 / 0.7, mode=("trilinear", "nearest"),
+            mt.RandZoomd(keys, prob=spatial_prob, min_zoom=1 / 1.4, max_zoom=1 / 0.7, mode=("trilinear", "nearest"),
                          keep_size=True),
-            mt.RandAffined(keys, spatial_size=self.patch, prob=0.2, rotate_range=_rotation(self.patch, slices),
+            mt.RandAffined(keys, spatial_size=self.patch, prob=spatial_prob, rotate_range=_rotation(self.patch, slices),
                            mode=modes, padding_mode="zeros"),
             mt.CenterSpatialCropd(keys, roi_size=self.patch),
             mt.RandGaussianNoised("image", prob=0.1, std=math.sqrt(0.1)),

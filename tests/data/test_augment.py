@@ -1,6 +1,8 @@
 """augment(): spatial transforms keep image and label aligned; everything follows the generator."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,21 @@ def test_slice_networks_are_mirrored_and_rotated_in_plane_only():
     affine = next(t for t in aug.pipeline.transforms if type(t).__name__ == "RandAffined")
     ranges = affine.rand_affine.rand_affine_grid.rotate_range
     assert tuple(ranges[0]) == (0.0, 0.0) and tuple(ranges[1]) == (0.0, 0.0) and ranges[2][1] > 3.1
+
+
+def test_spatial_prob_sets_how_often_patches_are_rotated_and_scaled():
+    def resampled(aug: NnUNetAugment) -> int:  # patches whose label is no longer the region's centre, mirrored
+        for t in aug.pipeline.transforms:  # intensity transforms off: only the spatial ones and the flips draw
+            if hasattr(t, "prob") and type(t).__name__ not in ("RandZoomd", "RandAffined", "RandFlipd"):
+                t.prob = 0.0
+        image, label = _block(aug.region)
+        start = [(r - p) // 2 for r, p in zip(aug.region, aug.patch)]
+        centre = label[tuple(slice(s, s + p) for s, p in zip(start, aug.patch))].astype(np.int64)
+        mirrors = {np.ascontiguousarray(np.flip(centre, axes)).tobytes() for n in range(4) for axes in itertools.combinations(range(3), n)}
+        return sum(aug(image, label, seed=s)[1].tobytes() not in mirrors for s in range(40))
+
+    never, default, always = (NnUNetAugment((16, 16, 8), spatial_prob=p) for p in (0.0, 0.2, 1.0))
+    for aug, p in ((never, 0.0), (default, 0.2), (always, 1.0)):
+        assert [t.prob for t in aug.pipeline.transforms if type(t).__name__ in ("RandZoomd", "RandAffined")] == [p, p]
+    assert resampled(never) == 0
+    assert 0 < resampled(default) < resampled(always)
