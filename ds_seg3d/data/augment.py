@@ -7,10 +7,9 @@ both p), both applied to a larger region around the patch (``region``) and cropp
 inside the patch; Gaussian noise (p 0.1), Gaussian blur (p 0.2), multiplicative brightness (p 0.15),
 contrast about the mean (p 0.15), simulated low resolution (p 0.25), gamma on the inverted image (p 0.1)
 and on the image (p 0.3), and a flip of every axis with probability 0.5 (in-plane axes only for the
-slice-wise network). MONAI rather than
-nnU-Net's own batchgeneratorsv2: it covers every transform, draws from random states it owns (seeded per
-sample here, never the global ones), and adds no dependency beyond torch and numpy; both cost under 1 %
-of a training step (BENCHMARKS.md, "Augmentation").
+slice-wise network). MONAI rather than nnU-Net's own batchgeneratorsv2: it covers every transform, draws
+from random states it owns (seeded per sample here, never the global ones), and adds no dependency beyond
+torch and numpy; both cost under 1 % of a training step (BENCHMARKS.md, "Augmentation").
 
 ``augment`` (``AugmentConfig``) is the earlier light set: axis flips, in-plane quarter turns and intensity
 jitter, which keep voxels on the grid. Every random number of either comes from the generator the sampler
@@ -174,10 +173,10 @@ class NnUNetAugment:
         self.pipeline = mt.Compose([
             # zoom the whole region (zooming out keeps at least the patch inside it), then rotate onto the
             # patch grid about the region's centre, then the patch itself
-            mt.RandZoomd(keys, prob=spatial_prob, min_zoom=1 / 1.4, max_zoom=1 / 0.7, mode=("trilinear", "nearest"),
-                         keep_size=True),
-            mt.RandAffined(keys, spatial_size=self.patch, prob=spatial_prob, rotate_range=_rotation(self.patch, slices),
-                           mode=modes, padding_mode="zeros"),
+            mt.RandZoomd(keys, prob=spatial_prob, min_zoom=1 / 1.4, max_zoom=1 / 0.7,
+                         mode=("trilinear", "nearest"), keep_size=True),
+            mt.RandAffined(keys, spatial_size=self.patch, prob=spatial_prob,
+                           rotate_range=_rotation(self.patch, slices), mode=modes, padding_mode="zeros"),
             mt.CenterSpatialCropd(keys, roi_size=self.patch),
             mt.RandGaussianNoised("image", prob=0.1, std=math.sqrt(0.1)),
             mt.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),

@@ -75,7 +75,8 @@ def plan_budget_gb(cfg: ExperimentConfig, plan: NetworkPlan | None) -> float | N
 def augmentation(cfg: ExperimentConfig) -> AugmentConfig | NnUNetAugment | None:
     """The training patches' augmentation; nnU-Net's rotates a slice-wise network's patches in-plane only."""
     if cfg.data.augment == "nnunet":
-        return NnUNetAugment(cfg.data.patch, slices=cfg.model.name == "cnn2d", spatial_prob=cfg.data.spatial_prob)
+        return NnUNetAugment(cfg.data.patch, slices=cfg.model.name == "cnn2d",
+                             spatial_prob=cfg.data.spatial_prob)
     return AugmentConfig() if cfg.data.augment == "light" else None
 
 

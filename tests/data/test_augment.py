@@ -179,11 +179,13 @@ def test_spatial_prob_sets_how_often_patches_are_rotated_and_scaled():
         image, label = _block(aug.region)
         start = [(r - p) // 2 for r, p in zip(aug.region, aug.patch)]
         centre = label[tuple(slice(s, s + p) for s, p in zip(start, aug.patch))].astype(np.int64)
-        mirrors = {np.ascontiguousarray(np.flip(centre, axes)).tobytes() for n in range(4) for axes in itertools.combinations(range(3), n)}
+        mirrors = {np.ascontiguousarray(np.flip(centre, axes)).tobytes()
+                   for n in range(4) for axes in itertools.combinations(range(3), n)}
         return sum(aug(image, label, seed=s)[1].tobytes() not in mirrors for s in range(40))
 
     never, default, always = (NnUNetAugment((16, 16, 8), spatial_prob=p) for p in (0.0, 0.2, 1.0))
     for aug, p in ((never, 0.0), (default, 0.2), (always, 1.0)):
-        assert [t.prob for t in aug.pipeline.transforms if type(t).__name__ in ("RandZoomd", "RandAffined")] == [p, p]
+        spatial = [t for t in aug.pipeline.transforms if type(t).__name__ in ("RandZoomd", "RandAffined")]
+        assert [t.prob for t in spatial] == [p, p]
     assert resampled(never) == 0
     assert 0 < resampled(default) < resampled(always)
