@@ -8,7 +8,8 @@ One shard folder (planned with ``ds-seg3d plan``) gives both systems their cases
    test images;
 3. nnU-Net arms (``nnunet3d``, ``nnunet2d``): ``nnUNetv2_extract_fingerprint --verify_dataset_integrity``,
    ``nnUNetv2_plan_experiment``, ``nnUNetv2_preprocess``, ``nnUNetv2_train`` fold 0 of the shards' split
-   with nnU-Net's own trainer for ``--iterations`` iterations (a subclass that changes only the epoch
+   (fold ``all`` when the split has no val case: then no post-processing is decided, as in ds-seg3d) with
+   nnU-Net's own trainer for ``--iterations`` iterations (a subclass that changes only the epoch
    count and length), ``nnUNetv2_predict`` on the test images. ``--plans matched`` (the default) edits
    nnU-Net's plans to the ds-seg3d plan's spacing, patch, widths, strides, kernels and samples per
    step, so that both spend the same compute per iteration; ``--plans default`` keeps nnU-Net's own;
@@ -165,7 +166,9 @@ class NnUNet:
         return name
 
 
-def nnunet_arm(args, nn: NnUNet, cfg: str, folder: Path, ds_plan: dict | None, samples: int) -> dict:
+def nnunet_arm(args, nn: NnUNet, cfg: str, folder: Path, ds_plan: dict | None, samples: int, fold: str) -> dict:
+    """Train nnU-Net's ``fold`` (``0``: the shards' train/val split; ``all``: no val case, nnU-Net's own way to
+    train on every training case) and predict the test images with it."""
     log = folder / "nnunet.log"
     log.unlink(missing_ok=True)
     nn.plan(log)
@@ -182,17 +185,21 @@ def nnunet_arm(args, nn: NnUNet, cfg: str, folder: Path, ds_plan: dict | None, s
     results = nn.root / "nnUNet_results" / nn.dataset / f"{trainer}__{plans_name}__{cfg}"
     shutil.rmtree(results, ignore_errors=True)
     did = str(args.dataset_id)
-    train = nn.with_trainer(trainer_file, "nnUNetv2_train", did, cfg, "0", "-tr", trainer, "-p", plans_name,
+    train = nn.with_trainer(trainer_file, "nnUNetv2_train", did, cfg, fold, "-tr", trainer, "-p", plans_name,
                             "-device", args.device, log=log, env=nn.train_env)
     raw_pred, pred = folder / "pred_raw", folder / "pred"
     for path in (raw_pred, pred):
         shutil.rmtree(path, ignore_errors=True)
     predict = nn.with_trainer(trainer_file, "nnUNetv2_predict", "-i", str(nn.root / "nnUNet_raw" / nn.dataset / "imagesTs"),
-                              "-o", str(raw_pred), "-d", did, "-c", cfg, "-f", "0", "-tr", trainer, "-p", plans_name,
+                              "-o", str(raw_pred), "-d", did, "-c", cfg, "-f", fold, "-tr", trainer, "-p", plans_name,
                               "-device", args.device, "-npp", "1", "-nps", "1", "--disable_progress_bar", log=log)
-    post = nnunet_postprocessing(nn, results, raw_pred, pred, log)
+    if fold == "all":  # no validation case to decide post-processing on: none, as ds-seg3d does then
+        shutil.copytree(raw_pred, pred, ignore=shutil.ignore_patterns("*.json", "*.pkl"))
+        post: list[str] = []
+    else:
+        post = nnunet_postprocessing(nn, results, raw_pred, pred, log)
     config = json.loads((nn.preprocessed / f"{plans_name}.json").read_text())["configurations"][cfg]
-    times = nnunet_runs.training_times(results / "fold_0")
+    times = nnunet_runs.training_times(results / f"fold_{fold}")
     _, per_epoch, val = nnunet_runs.budget(args.iterations)
     return {"train": train, "predict": predict, "s_per_iteration": times["s_per_epoch"] / per_epoch,
             "epochs": times["epochs"], "iterations_per_epoch": per_epoch, "val_iterations_per_epoch": val,
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 ds_rec = done.get(f"ds{ds_cfg}")
                 ds_plan = ds_rec["plan"] if ds_rec else shard_plans.get(ds_cfg)
                 samples = ds_rec["samples_per_step"] if ds_rec else ds_samples_per_step(args.deepspeed_config, args.ranks, args.stages)
-                rec = nnunet_arm(args, nn, cfg, folder, ds_plan, samples)
+                rec = nnunet_arm(args, nn, cfg, folder, ds_plan, samples, "0" if manifest["splits"].get("val") else "all")
             rec["score"] = evaluate(folder, truth, labels)
             rec["elapsed_s"] = time.time() - arm_start
             write_text_atomic(record, json.dumps(rec, indent=1))
