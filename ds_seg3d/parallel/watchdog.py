@@ -7,7 +7,9 @@ and no timeout, and torch gives such groups its default (30 min for gloo, 10 min
 ``deepspeed.init_distributed(timeout=...)`` or ``DEEPSPEED_TIMEOUT`` set for the world group.
 
 So the training loop "pets" a watchdog after each unit of progress (a ``train_batch``, a validation,
-a checkpoint), and a daemon thread ends the process when no pet came for the bound. It must be
+a checkpoint), and a daemon thread ends the process when no pet came for the bound. Before its error
+line it prints the innermost Python frames of the thread that created it (the training loop), which
+name the collective or send/receive the rank was waiting in. It must be
 ``os._exit``: the main thread sits in C++ inside the collective (which releases the GIL, so this
 thread still runs), an exception cannot reach it and ``sys.exit`` would only end this thread. The
 DeepSpeed launcher then sees a non-zero exit and stops the node's other ranks, the job's ranks on
@@ -21,12 +23,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
+import traceback
 
 ENV = "DS_SEG3D_WATCHDOG_S"
 DEFAULT_BOUND_S = 300.0
 EXIT_CODE = 3  # distinct from argument errors (2) and from signals (128 + n)
+STACK_FRAMES = 8  # of the watched thread, printed before the error line
 
 
 def default_bound_s() -> float:
@@ -58,6 +63,7 @@ class Watchdog:
         self.rank = rank
         self.exit_code = exit_code
         self._last = time.monotonic()
+        self._watched = threading.get_ident()  # the thread that pets: the training loop's
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -92,8 +98,18 @@ class Watchdog:
         while not self._stopped.wait(poll):
             if time.monotonic() - self._last > self.bound_s:
                 # os.write: no Python-level lock that a blocked main thread could be holding.
-                os.write(2, (message(self.rank, self.bound_s) + "\n").encode())
+                os.write(2, (where_stuck(self._watched, self.rank) + message(self.rank, self.bound_s) + "\n").encode())
                 os._exit(self.exit_code)
+
+
+def where_stuck(thread_id: int, rank: int, frames: int = STACK_FRAMES) -> str:
+    """The innermost ``frames`` Python frames of the watched thread (where it waits: which collective or
+    send/receive), as a traceback; empty when that thread has ended."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return ""
+    return f"rank {rank} was waiting in (most recent call last):\n" + "".join(
+        traceback.format_stack(frame, limit=frames))
 
 
 def start(bound_s: float | None, rank: int) -> Watchdog:

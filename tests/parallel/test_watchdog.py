@@ -25,20 +25,31 @@ def _python(code: str, env: dict[str, str] | None = None, **kw) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_no_progress_ends_the_process_with_one_clear_line() -> None:
+def test_no_progress_ends_the_process_with_where_it_waited_and_one_clear_line() -> None:
     start = time.monotonic()
     proc = _python("""
         import time
         from ds_seg3d.parallel import watchdog
+        def deeper(n):
+            if n:
+                return deeper(n - 1)
+            time.sleep(60)
         watchdog.Watchdog(0.5, rank=3).start()
-        time.sleep(60)
+        deeper(20)
         print("not reached")
     """)
     out, err = proc.communicate(timeout=30)
     elapsed = time.monotonic() - start
     assert proc.returncode == watchdog.EXIT_CODE, err
-    assert err.strip().splitlines() == [watchdog.message(3, 0.5)]
+    lines = err.strip().splitlines()
+    assert lines[-1] == watchdog.message(3, 0.5)  # the error is the last line
     assert "rank 3 made no progress for 0.5 s (a peer rank hung or died); aborting" in err
+    # above it, the innermost frames of the main thread: the sleep at the bottom of the recursion (the script's
+    # 7th line) last, not the script's outermost frame, and not the watchdog's own thread
+    assert lines[0] == "rank 3 was waiting in (most recent call last):"
+    assert lines[-2] == '  File "<string>", line 7, in deeper', lines
+    assert lines[1] == '  File "<string>", line 6, in deeper', lines
+    assert "<module>" not in err and "_watch" not in err
     assert out == "" and elapsed < 15
 
 
@@ -112,6 +123,9 @@ def test_a_rank_blocked_in_a_gloo_collective_on_a_stopped_peer_is_ended() -> Non
         assert ranks[0].returncode == watchdog.EXIT_CODE, err[-2000:]
         assert out.splitlines() == ["collective"]
         assert err.strip().splitlines()[-1] == watchdog.message(0, 1.0)
+        stack = err[err.index("rank 0 was waiting in"):]
+        assert "in all_reduce" in stack and "distributed_c10d.py" in stack  # names the collective it hung in
+        assert len([line for line in stack.splitlines() if line.lstrip().startswith("File ")]) <= watchdog.STACK_FRAMES
         with open(f"/proc/{ranks[1].pid}/stat") as fh:
             assert fh.read().rsplit(")", 1)[1].split()[0] == "T"  # the peer really was stopped
     finally:
