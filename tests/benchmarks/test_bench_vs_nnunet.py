@@ -89,17 +89,19 @@ def test_without_a_val_case_nnunet_trains_fold_all_and_decides_no_post_processin
     build_shards(src, shards, spacing=(1.5, 1.5, 3.0), workers=1, seed=0, val_fraction=0.0, test_fraction=0.25)
     manifest = json.loads((shards / "manifest.json").read_text())
     assert not manifest["splits"]["val"] and len(manifest["splits"]["test"]) == 1
-    assert ds_main(["plan", str(shards), "--budget-gb", "0.1", "--ranks", "2", "--stages", "2", "--base-width", "4"]) == 0
+    assert ds_main(["plan", str(shards), "--budget-gb", "0.1", "--ranks", "2", "--stages", "2",
+                    "--base-width", "4"]) == 0
     out = tmp_path / "bench"
-    assert bench_vs_nnunet.main(["--shards", str(shards), "--out", str(out), "--iterations", "2", "--arms", "nnunet3d"]) == 0
+    argv = ["--shards", str(shards), "--out", str(out), "--iterations", "2", "--arms", "nnunet3d"]
+    assert bench_vs_nnunet.main(argv) == 0
 
     rec = json.loads((out / "arms" / "nnunet3d" / "arm.json").read_text())
     assert rec["postprocessing"] == [] and rec["epochs"] == 1
     pre = next((out / "nnunet" / "nnUNet_preprocessed").glob("Dataset990_*"))
     results = out / "nnunet" / "nnUNet_results" / pre.name / "nnUNetTrainer_1x2it__nnUNetPlans_dsmatch__3d_fullres"
     assert (results / "fold_all" / "checkpoint_final.pth").is_file() and not (results / "fold_0").exists()
-    test = manifest["splits"]["test"]
-    for folder in ("pred_raw", "pred"):
-        assert sorted(p.name for p in (out / "arms" / "nnunet3d" / folder).glob("*.nii.gz")) == [f"{c}.nii.gz" for c in test]
-    assert sorted(p.name for p in (out / "arms" / "nnunet3d" / "pred").iterdir()) == [f"{c}.nii.gz" for c in test]
+    expected = [f"{c}.nii.gz" for c in manifest["splits"]["test"]]
+    arm = out / "arms" / "nnunet3d"
+    assert sorted(p.name for p in (arm / "pred_raw").glob("*.nii.gz")) == expected
+    assert sorted(p.name for p in (arm / "pred").iterdir()) == expected  # the images only, scored as they are
     assert int(rec["score"]["summary"][0]["n_cases"]) == 1
