@@ -200,4 +200,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ds_seg3d.parallel.teardown import exit_rank
+
+    exit_rank(main())  # skips interpreter finalization, where gloo state could abort the finished rank

@@ -5,7 +5,6 @@ The command line of the training job; the job itself is ``ds_seg3d.training.loop
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ds_seg3d.parallel import preemption, watchdog
 from ds_seg3d.paths import DEFAULT_DISCRIMINATOR_CONFIG, DEFAULT_DS_CONFIG, shipped
@@ -62,4 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ds_seg3d.parallel.teardown import exit_rank
+
+    exit_rank(main())  # skips interpreter finalization, where gloo state could abort the finished rank

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import copy
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from deepspeed.pipe import PipelineModule
 from ds_seg3d.parallel import joint_backward, received_inputs
 from ds_seg3d.parallel.ds_config import check_ds_config, topology_for
 from ds_seg3d.parallel.launch import free_port
+from ds_seg3d.parallel.teardown import destroy_at_exit
 from ds_seg3d.parallel.topology import Topology
 
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -46,38 +46,8 @@ def init_distributed(backend: str | None = None) -> None:
     if backend is None:
         backend = get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    atexit.register(_destroy_at_exit)
+    atexit.register(destroy_at_exit)  # see ds_seg3d.parallel.teardown
     _unlink_shm_buffer()
-
-
-EXIT_TEARDOWN_S = 30.0  # bound on the teardown below; it never waits on peers, so this is only a guard
-
-
-def _destroy_at_exit() -> None:
-    """Destroy the process groups while the interpreter is still whole (registered with ``atexit``).
-
-    Left to interpreter finalization, gloo's C++ worker threads can still be joinable when their
-    owner is destroyed, and the rank then dies with "terminate called without an active exception"
-    (SIGABRT) after its work is done, which the launcher reports as a failed job. Destroying a
-    gloo group is local (no collective), so a peer that already exited does not block it; the timer
-    only guards against a wedged transport keeping a finished rank alive.
-    """
-    if not torch.distributed.is_initialized():
-        return
-    guard = threading.Timer(EXIT_TEARDOWN_S, _teardown_hung)
-    guard.daemon = True
-    guard.start()
-    try:
-        torch.distributed.destroy_process_group()
-    except Exception:  # noqa: BLE001 - a half-torn-down group at exit must not turn success into failure
-        pass
-    finally:
-        guard.cancel()
-
-
-def _teardown_hung() -> None:
-    os.write(2, f"error: process-group teardown at exit took over {EXIT_TEARDOWN_S:g} s; exiting\n".encode())
-    os._exit(1)
 
 
 def shm_buffer_path(rank: int | None = None) -> Path:

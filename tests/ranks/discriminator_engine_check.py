@@ -139,4 +139,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ds_seg3d.parallel.teardown import exit_rank
+
+    exit_rank(main())  # skips interpreter finalization, where gloo state could abort the finished rank
